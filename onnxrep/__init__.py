@@ -1,0 +1,6 @@
+"""onnxrep: structural re-parameterization of ONNX graphs."""
+from .errors import InputError, OnnxrepError, OutputError, UsageError, VerificationError
+
+__version__ = "0.1.0"
+
+__all__ = ["OnnxrepError", "InputError", "OutputError", "UsageError", "VerificationError", "__version__"]

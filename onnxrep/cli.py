@@ -1,0 +1,243 @@
+"""Command line: `onnxrep optimize | rules | demo | bench`.
+
+Exit codes (see onnxrep.errors): 0 ok, 1 internal error, 2 usage, 3 bad input, 4 verification
+failed, 5 cannot write output. Errors are one line on stderr; --debug adds the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxrepError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxrep", description="Structural re-parameterization of ONNX graphs.")
+    p.add_argument("--version", action="version", version=f"onnxrep {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub.required = True
+
+    o = sub.add_parser("optimize", help="rewrite a training-time graph into its inference form and verify it")
+    o.add_argument("input", help="training-time ONNX model")
+    o.add_argument("output", help="where to write the optimized model (written atomically)")
+    _add_rewrite_flags(o)
+    o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
+    o.add_argument("--rtol", type=float, default=None, help="relative tolerance, of each output's max |value| (default 1e-5 for fp32, 2e-3 for fp16)")
+    o.add_argument("--atol", type=float, default=0.0, help="absolute tolerance added to the relative one (default 0)")
+    o.add_argument("--seed", type=int, default=0, help="seed for the random verification inputs")
+    o.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="write weights to OUTPUT.data: auto = when the input had external data or the model exceeds 1 GB")
+    o.add_argument("--report", metavar="FILE.json", help="write the before/after report and per-rule counts as JSON")
+    o.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    o.add_argument("--explain", action="store_true", help="list every rewrite and every declined match with its reason")
+    o.set_defaults(func=cmd_optimize)
+
+    r = sub.add_parser("rules", help="list the rewrite rules in the order they apply")
+    r.set_defaults(func=cmd_rules)
+
+    d = sub.add_parser("demo", help="optimize and verify the built-in training-time RepVGG model")
+    d.add_argument("--out", metavar="FILE.onnx", help="also write the optimized demo model here")
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from . import bench
+    except ImportError:  # pragma: no cover - bench is part of the package
+        bench = None
+    if bench is not None and hasattr(bench, "add_parser"):
+        bench.add_parser(sub)
+
+    for sp in sub.choices.values():
+        sp.add_argument("--debug", action="store_true", help="verbose log and tracebacks")
+    return p
+
+
+def _add_rewrite_flags(o):
+    o.add_argument("--input-shape", action="append", nargs="+", default=[], metavar="NAME:D1,D2,...",
+                   help="pin an input's shape (repeatable), e.g. input:1,3,224,224; folds shape arithmetic")
+    o.add_argument("--rules", type=_csv, default=None, metavar="A,B", help="apply only these rules")
+    o.add_argument("--skip", type=_csv, default=[], metavar="A,B", help="do not apply these rules")
+    o.add_argument("--enable", type=_csv, default=[], metavar="A,B", help="also apply these opt-in rules")
+    o.add_argument("--aggressive", action="store_true", help="merge even where the cost model expects a slower result")
+
+
+def cmd_rules(args) -> int:
+    from .engine import all_rules
+
+    rules = all_rules()
+    width = max(len(r.name) for r in rules)
+    for r in rules:
+        flag = "" if r.default else "  [opt-in]"
+        print(f"{r.name:<{width}}  {r.description}{flag}")
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    from .io import check_output_path, load_model, save_model
+    from .optimizer import optimize, parse_input_shapes
+
+    shapes = parse_input_shapes([s for group in args.input_shape for s in group])
+    check_output_path(args.input, args.output)
+    if args.report:
+        check_output_path(args.input, args.report)
+    info: dict = {}
+    model = load_model(args.input, info=info)
+    out, report = optimize(
+        model, rules=args.rules, skip=args.skip, enable=args.enable, input_shapes=shapes,
+        verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive,
+        seed=args.seed, return_report=True,
+    )
+    report.input = args.input
+    report.before["file_bytes"] = info.get("file_bytes")
+    external = {"yes": True, "no": False, "auto": True if info.get("external_data") else None}[args.external_data]
+    written = save_model(out, args.output, external=external)
+    report.after["file_bytes"] = sum(p.stat().st_size for p in written)
+    if args.report:
+        _write_json(args.report, report.to_dict())
+    if not args.quiet:
+        print(format_report(report, explain=args.explain))
+        print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from importlib import resources
+
+    from .io import check_output_path, load_model, save_model
+    from .optimizer import optimize
+
+    if args.out:
+        check_output_path(None, args.out)
+    with resources.as_file(resources.files("onnxrep") / "data" / "demo.onnx") as path:
+        info: dict = {}
+        model = load_model(path, info=info)
+        print(f"demo: {path.name}, a training-time RepVGG network (3x3 + 1x1 + identity branches, BatchNorm)")
+        out, report = optimize(model, return_report=True)
+    report.input = "demo.onnx"
+    report.before["file_bytes"] = info.get("file_bytes")
+    if args.out:
+        written = save_model(out, args.out)
+        report.after["file_bytes"] = sum(p.stat().st_size for p in written)
+    else:
+        report.after["file_bytes"] = out.ByteSize()
+    print(format_report(report))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _write_json(path, data) -> None:
+    import os
+    import tempfile
+
+    from .errors import OutputError
+
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxrep-", suffix=".json", dir=target.parent if str(target.parent) else ".")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
+
+
+def _fmt_int(v) -> str:
+    if v is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return str(v)
+
+
+def _fmt_bytes(v) -> str:
+    if v is None:
+        return "?"
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if v >= div:
+            return f"{v / div:.2f} {unit}"
+    return f"{v} B"
+
+
+def format_report(report, explain: bool = False) -> str:
+    b, a = report.before, report.after
+    ops = sorted(set(b["ops"]) | set(a["ops"]), key=lambda k: (-b["ops"].get(k, 0), k))
+    rows = [(op, str(b["ops"].get(op, 0)), str(a["ops"].get(op, 0))) for op in ops]
+    rows += [
+        ("nodes", str(b["nodes"]), str(a["nodes"])),
+        ("parameters", _fmt_int(b["parameters"]), _fmt_int(a["parameters"])),
+        ("MACs", _fmt_int(b["macs"]), _fmt_int(a["macs"])),
+        ("size", _fmt_bytes(b.get("file_bytes")), _fmt_bytes(a.get("file_bytes"))),
+    ]
+    w0 = max(len(r[0]) for r in rows + [("", "", "")])
+    w1 = max(len(r[1]) for r in rows + [("", "before", "")])
+    w2 = max(len(r[2]) for r in rows + [("", "", "after")])
+    line = f"+{'-' * (w0 + 2)}+{'-' * (w1 + 2)}+{'-' * (w2 + 2)}+"
+    out = [line, f"| {'':<{w0}} | {'before':>{w1}} | {'after':>{w2}} |", line]
+    for i, (k, x, y) in enumerate(rows):
+        if i == len(ops):
+            out.append(line)
+        out.append(f"| {k:<{w0}} | {x:>{w1}} | {y:>{w2}} |")
+    out.append(line)
+    counts = ", ".join(f"{k} ×{v}" for k, v in report.rule_counts.items()) or "none"
+    out.append(f"rules: {counts}")
+    v = report.verification
+    if v is None:
+        out.append("verification: skipped (--no-verify)")
+    else:
+        shapes = ", ".join(f"{k}{tuple(s)}" for k, s in v["input_shapes"].items())
+        out.append(f"verification: max relative error {v['max_rel_error']:.2e} on {shapes} (ONNX Runtime, optimizations off)")
+    out.append(f"time: {report.seconds:.2f} s")
+    for n in report.notes:
+        out.append(f"note: {n}")
+    if explain:
+        out.append("rewrites:")
+        for r in report.rewrites:
+            made = ", ".join(r["created"]) or "(removed)"
+            out.append(f"  {r['rule']}: {', '.join(r['replaced'])} -> {made}  {r['detail']}".rstrip())
+        if report.declines:
+            out.append("declined:")
+            for d in report.declines:
+                out.append(f"  {d['rule']} at {d['node']}: {d['reason']}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except OnnxrepError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"onnxrep: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("onnxrep: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
+    except Exception as e:  # a bug: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"onnxrep: internal error: {type(e).__name__}: {first} (re-run with --debug and report it)", file=sys.stderr)
+        return EXIT_INTERNAL

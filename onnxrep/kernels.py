@@ -1,0 +1,433 @@
+"""Kernel algebra: every linear op between two non-linearities as one convolution.
+
+Pure NumPy, no graph objects. A `ConvSpec` is the affine map
+
+    y = W ⊛ x + b        W: [Cout, Cin/group, *kernel], b: [Cout]
+
+with ONNX geometry: `strides`, `pads` (all begins, then all ends), `dilations`, `group`.
+A spatial rank of 0 (kernel shape ``()``) is a fully connected layer, so Gemm/MatMul and BatchNorm1d
+use the same functions. Everything is float64 inside; callers cast once to the model dtype.
+
+Functions that cannot produce an exact result raise `NotMergeable` with the reason.
+
+Conventions, for an output position n along one axis with stride s, begin pad p, dilation d and
+kernel size k: the conv reads input positions ``n*s - p + j*d`` for ``j in range(k)``. Two convs read
+the same positions (up to a kernel offset) iff they agree on stride and their windows nest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import reduce
+from itertools import product
+
+import numpy as np
+
+
+class NotMergeable(ValueError):
+    """The requested algebra has no exact single-conv result; str(e) says why."""
+
+
+@dataclass
+class ConvSpec:
+    """An affine convolution. weight [Cout, Cin/group, *kernel] and bias [Cout], both float64."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    group: int = 1
+    # True when the bias is known to be exactly zero in the source graph (no bias input).
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        self.weight = np.asarray(self.weight, dtype=np.float64)
+        r = self.weight.ndim - 2
+        if self.bias is None:
+            self.bias = np.zeros(self.weight.shape[0])
+        self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
+        self.strides = tuple(int(v) for v in (self.strides or (1,) * r))
+        self.pads = tuple(int(v) for v in (self.pads or (0,) * (2 * r)))
+        self.dilations = tuple(int(v) for v in (self.dilations or (1,) * r))
+        self.group = int(self.group)
+        if len(self.strides) != r or len(self.pads) != 2 * r or len(self.dilations) != r:
+            raise ValueError(f"geometry does not match kernel rank {r}")
+        if self.bias.shape[0] != self.weight.shape[0]:
+            raise ValueError("bias length != Cout")
+        if self.weight.shape[0] % self.group:
+            raise ValueError("Cout not divisible by group")
+
+    # -- shape facts -------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.weight.ndim - 2
+
+    @property
+    def cout(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def cin(self) -> int:
+        return self.weight.shape[1] * self.group
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """Span of input positions one output reads, per axis: (k-1)*d + 1."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel_shape, self.dilations))
+
+    @property
+    def pads_begin(self) -> tuple[int, ...]:
+        return self.pads[: self.rank]
+
+    @property
+    def pads_end(self) -> tuple[int, ...]:
+        return self.pads[self.rank :]
+
+    def output_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(
+            (h + pb + pe - e) // s + 1
+            for h, pb, pe, e, s in zip(spatial, self.pads_begin, self.pads_end, self.extent, self.strides)
+        )
+
+    def macs(self, out_spatial: tuple[int, ...]) -> int:
+        """Multiply-accumulates for one sample producing `out_spatial`."""
+        return int(self.cout * self.weight.shape[1] * math.prod(self.kernel_shape) * math.prod(out_spatial))
+
+    def is_pointwise(self) -> bool:
+        return all(k == 1 for k in self.kernel_shape) and not any(self.pads) and all(s == 1 for s in self.strides)
+
+
+# -- constructors --------------------------------------------------------------------------------
+def identity(channels: int, rank: int, group: int | None = None) -> ConvSpec:
+    """x itself as a 1×…×1 conv. With group=channels (default) the kernel is depthwise:
+    per group g the kernel is id[o, o mod (C/g)] = 1."""
+    group = channels if group is None else group
+    cg = channels // group
+    w = np.zeros((channels, cg) + (1,) * rank)
+    for o in range(channels):
+        w[(o, o % cg) + (0,) * rank] = 1.0
+    return ConvSpec(w, np.zeros(channels), group=group)
+
+
+def channel_affine(scale: np.ndarray, shift: np.ndarray, rank: int) -> ConvSpec:
+    """y[c] = scale[c] * x[c] + shift[c] as a depthwise 1×…×1 conv."""
+    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64).reshape(-1), scale.shape)
+    c = scale.shape[0]
+    return ConvSpec(scale.reshape((c, 1) + (1,) * rank), shift.copy(), group=c)
+
+
+def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inference BatchNormalization as y = a*x + c per channel."""
+    a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
+    c = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * a
+    return a, c
+
+
+def avgpool(channels: int, kernel_shape: tuple[int, ...], strides, pads) -> ConvSpec:
+    """AveragePool with count_include_pad=1 (or no padding) as a depthwise conv of 1/prod(k)."""
+    k = tuple(kernel_shape)
+    w = np.full((channels, 1) + k, 1.0 / math.prod(k))
+    return ConvSpec(w, np.zeros(channels), strides=strides, pads=pads, group=channels)
+
+
+# -- per-channel affine on either side -----------------------------------------------------------
+def affine_after(spec: ConvSpec, scale, shift) -> ConvSpec:
+    """a ⊙ conv(x) + c: scale output channels (Conv→BN, Conv→Mul/Add, layer scale)."""
+    a = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (spec.cout,))
+    c = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (spec.cout,))
+    w = spec.weight * a.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
+    return replace(spec, weight=w, bias=spec.bias * a + c, meta={})
+
+
+def fuse_bn_after(spec: ConvSpec, gamma, beta, mean, var, eps: float) -> ConvSpec:
+    """BatchNormalization applied to the conv's output."""
+    return affine_after(spec, *bn_affine(gamma, beta, mean, var, eps))
+
+
+def affine_before(spec: ConvSpec, scale, shift) -> ConvSpec:
+    """conv(a ⊙ x + c) as one conv: scale input channels and fold the shift into the bias.
+
+    Exact only when the conv reads no padding or c == 0: a padded border holds 0, not c.
+    """
+    a = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (spec.cin,))
+    c = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (spec.cin,))
+    if any(spec.pads) and np.any(c != 0):
+        raise NotMergeable("a shift before a padded conv changes the border (padding holds 0, not the shift)")
+    cg = spec.weight.shape[1]
+    opg = spec.cout // spec.group
+    # input channel read by (o, i) is (o // opg) * cg + i
+    in_ch = (np.arange(spec.cout)[:, None] // opg) * cg + np.arange(cg)[None, :]
+    bshape = in_ch.shape + (1,) * spec.rank
+    w = spec.weight * a[in_ch].reshape(bshape)
+    b = spec.bias + (spec.weight * c[in_ch].reshape(bshape)).reshape(spec.cout, -1).sum(axis=1)
+    return replace(spec, weight=w, bias=b, meta={})
+
+
+def affine_after_transposed(weight: np.ndarray, bias, group: int, scale, shift):
+    """a ⊙ conv_transpose(x) + c. ConvTranspose weights are [Cin, Cout/group, *k]: output channel
+    o = j·(Cout/g) + m lives at weight[j·(Cin/g):(j+1)·(Cin/g), m]."""
+    cin, opg = weight.shape[0], weight.shape[1]
+    cout = opg * group
+    a = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (cout,))
+    c = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (cout,))
+    b = np.zeros(cout) if bias is None else np.asarray(bias, np.float64)
+    w = np.array(weight, dtype=np.float64)
+    ipg = cin // group
+    for j in range(group):
+        w[j * ipg : (j + 1) * ipg] *= a[j * opg : (j + 1) * opg].reshape((1, opg) + (1,) * (w.ndim - 2))
+    return w, b * a + c
+
+
+def fuse_bn_before(spec: ConvSpec, gamma, beta, mean, var, eps: float) -> ConvSpec:
+    """BatchNormalization applied to the conv's input."""
+    return affine_before(spec, *bn_affine(gamma, beta, mean, var, eps))
+
+
+# -- kernel reshaping ----------------------------------------------------------------------------
+def pad_kernel(weight: np.ndarray, kernel_shape: tuple[int, ...], offset: tuple[int, ...]) -> np.ndarray:
+    """Embed weight [..., *k] into zeros [..., *K] starting at `offset` per spatial axis."""
+    r = len(kernel_shape)
+    k = weight.shape[-r:] if r else ()
+    if any(o < 0 or o + a > b for o, a, b in zip(offset, k, kernel_shape)):
+        raise ValueError(f"kernel {k} at offset {offset} does not fit in {kernel_shape}")
+    out = np.zeros(weight.shape[: weight.ndim - r] + tuple(kernel_shape), dtype=weight.dtype)
+    out[(Ellipsis,) + tuple(slice(o, o + a) for o, a in zip(offset, k))] = weight
+    return out
+
+
+def dilate_kernel(weight: np.ndarray, dilations: tuple[int, ...]) -> np.ndarray:
+    """A dilated kernel as the dense kernel with d-1 zeros inserted between taps."""
+    r = len(dilations)
+    if all(d == 1 for d in dilations):
+        return weight
+    k = weight.shape[-r:]
+    dense = tuple((a - 1) * d + 1 for a, d in zip(k, dilations))
+    out = np.zeros(weight.shape[:-r] + dense, dtype=weight.dtype)
+    out[(Ellipsis,) + tuple(slice(None, None, d) for d in dilations)] = weight
+    return out
+
+
+def densify(spec: ConvSpec) -> ConvSpec:
+    """Same conv with dilation 1."""
+    if all(d == 1 for d in spec.dilations):
+        return spec
+    return replace(spec, weight=dilate_kernel(spec.weight, spec.dilations), dilations=(1,) * spec.rank)
+
+
+def regroup(spec: ConvSpec, group: int) -> ConvSpec:
+    """Express a conv with group g1 as an equal conv with a coarser `group` (g1 % group == 0):
+    the extra structure becomes zero blocks of the kernel."""
+    g1 = spec.group
+    if group == g1:
+        return spec
+    if g1 % group:
+        raise ValueError(f"cannot regroup group={g1} to group={group}")
+    cg1 = spec.weight.shape[1]
+    opg1 = spec.cout // g1
+    cg = spec.cin // group
+    w = np.zeros((spec.cout, cg) + spec.kernel_shape)
+    for o in range(spec.cout):
+        j1 = o // opg1  # fine group of this output
+        start = (j1 * cg1) % cg  # its input slice inside the coarse group
+        w[o, start : start + cg1] = spec.weight[o]
+    return replace(spec, weight=w, group=group, meta={})
+
+
+# -- parallel: sum and concat --------------------------------------------------------------------
+def _common_geometry(specs: list[ConvSpec]):
+    """Stride, dilation, merged kernel shape, begin pads, end pads and per-spec offsets for convs
+    that read the same input and produce the same output grid; NotMergeable otherwise."""
+    r = specs[0].rank
+    if any(s.rank != r for s in specs):
+        raise NotMergeable("terms have different spatial rank")
+    if any(s.cin != specs[0].cin for s in specs):
+        raise NotMergeable("terms read different channel counts")
+    if len({s.strides for s in specs}) > 1:
+        raise NotMergeable(f"terms have different strides {sorted({s.strides for s in specs})}")
+    dil = specs[0].dilations
+    if len({s.dilations for s in specs}) > 1:
+        specs = [densify(s) for s in specs]
+        dil = (1,) * r
+    pb = [max(s.pads_begin[a] for s in specs) for a in range(r)]
+    unit = list(dil)
+    # the window of each term, in input positions relative to n*s: [-pb_i, -pb_i + extent_i - 1]
+    for a in range(r):
+        if any((pb[a] - s.pads_begin[a]) % unit[a] for s in specs):
+            specs = [densify(s) for s in specs]
+            return _common_geometry(specs)
+    c = {tuple(s.pads_begin[a] + s.pads_end[a] - s.extent[a] for a in range(r)) for s in specs}
+    if len(c) > 1:
+        raise NotMergeable("terms produce different output sizes (padding does not nest)")
+    (c,) = c
+    ext = [max(s.extent[a] - s.pads_begin[a] for s in specs) + pb[a] for a in range(r)]
+    kernel = tuple((e - 1) // unit[a] + 1 for a, e in enumerate(ext))
+    pe = tuple(c[a] + ext[a] - pb[a] for a in range(r))
+    offsets = [tuple((pb[a] - s.pads_begin[a]) // unit[a] for a in range(r)) for s in specs]
+    return specs, kernel, tuple(pb), pe, offsets, dil
+
+
+def add(specs: list[ConvSpec]) -> ConvSpec:
+    """Sum of convs on the same input: embed each kernel at its offset in the largest window, bring
+    all to the coarsest common group, add kernels and biases.
+
+    Example: 3×3 pad 1 + 1×3 pad (0,1) + 3×1 pad (1,0) + identity → one 3×3 pad 1.
+    """
+    if not specs:
+        raise ValueError("add() needs at least one term")
+    specs, kernel, pb, pe, offsets, dil = _common_geometry(list(specs))
+    if len({s.cout for s in specs}) > 1:
+        raise NotMergeable("terms have different output channel counts")
+    g = reduce(math.gcd, (s.group for s in specs))
+    w = np.zeros((specs[0].cout, specs[0].cin // g) + kernel)
+    b = np.zeros(specs[0].cout)
+    for s, off in zip(specs, offsets):
+        s = regroup(s, g)
+        w += pad_kernel(s.weight, kernel, off)
+        b += s.bias
+    return ConvSpec(w, b, strides=specs[0].strides, pads=pb + pe, dilations=dil, group=g)
+
+
+def concat(specs: list[ConvSpec]) -> ConvSpec:
+    """Convs on the same input whose outputs are concatenated on channels → one conv (group 1
+    in general: concatenation does not keep grouped order)."""
+    specs, kernel, pb, pe, offsets, dil = _common_geometry(list(specs))
+    # concatenation interleaves groups, so the result is dense
+    ws, bs = [], []
+    for s, off in zip(specs, offsets):
+        s = regroup(s, 1)
+        ws.append(pad_kernel(s.weight, kernel, off))
+        bs.append(s.bias)
+    return ConvSpec(np.concatenate(ws), np.concatenate(bs), strides=specs[0].strides, pads=pb + pe, dilations=dil, group=g)
+
+
+def block_diagonal(specs: list[ConvSpec]) -> ConvSpec:
+    """Convs each reading its own consecutive channel slice of one input, outputs concatenated in
+    the same order (Split → convs → Concat) → one grouped conv.
+
+    When all blocks have the same shape and group g the result has group n*g; otherwise the
+    blocks are placed on the diagonal of a dense kernel (group 1)."""
+    n = len(specs)
+    first = specs[0]
+    same = all(
+        s.weight.shape == first.weight.shape and s.group == first.group and s.strides == first.strides
+        and s.pads == first.pads and s.dilations == first.dilations
+        for s in specs
+    )
+    if same:
+        return ConvSpec(
+            np.concatenate([s.weight for s in specs]), np.concatenate([s.bias for s in specs]),
+            strides=first.strides, pads=first.pads, dilations=first.dilations, group=n * first.group,
+        )
+    # different shapes: align geometry against a common input, then place blocks densely
+    aligned, kernel, pb, pe, offsets, dil = _common_geometry_blocks(specs)
+    cin = sum(s.cin for s in specs)
+    cout = sum(s.cout for s in specs)
+    w = np.zeros((cout, cin) + kernel)
+    b = np.zeros(cout)
+    o0 = i0 = 0
+    for s, off in zip(aligned, offsets):
+        d = regroup(s, 1)
+        w[o0 : o0 + s.cout, i0 : i0 + s.cin] = pad_kernel(d.weight, kernel, off)
+        b[o0 : o0 + s.cout] = s.bias
+        o0 += s.cout
+        i0 += s.cin
+    return ConvSpec(w, b, strides=first.strides, pads=pb + pe, dilations=dil, group=1)
+
+
+def _common_geometry_blocks(specs):
+    # channel counts may differ per block; geometry alone must agree
+    probe = [replace(s, weight=s.weight[:1, :1], bias=s.bias[:1], group=1) for s in specs]
+    _, kernel, pb, pe, offsets, dil = _common_geometry(probe)
+    if any(s.dilations != dil for s in specs):
+        specs = [densify(s) for s in specs]
+    return specs, kernel, pb, pe, offsets, dil
+
+
+# -- sequential ----------------------------------------------------------------------------------
+def compose(first: ConvSpec, second: ConvSpec, border_is_bias: bool = False, bias_tol: float = 0.0) -> ConvSpec:
+    """second(first(x)) as one conv.
+
+    W[o, i, u] = Σ_m Σ_v W2[o, m, v] · W1[m, i, u − s1·v]   (stride s1·s2, extent E1 + (E2−1)·s1)
+    b[o]       = b2[o] + Σ_m Σ_v W2[o, m, v] · b1[m]
+
+    Exactness at the border: the second conv's zero padding surrounds first(x). Moving it onto x
+    is exact only when first maps a zero border to zero — a 1×1, stride-1, unpadded first conv
+    with zero bias — or when the graph filled that border with first's bias (DBB's BN-and-pad:
+    `border_is_bias=True`), which is exactly first applied to zero-padded x for a 1×1 first conv.
+    `bias_tol` treats a first bias that small as zero (a border filled with a constant that equals
+    the bias up to fp32 rounding leaves such a residue).
+    """
+    if first.cout != second.cin:
+        raise NotMergeable(f"channel mismatch: first makes {first.cout}, second reads {second.cin}")
+    if first.rank != second.rank:
+        raise NotMergeable("different spatial rank")
+    r = first.rank
+    if any(second.pads):
+        pointwise_first = first.is_pointwise()
+        if not pointwise_first:
+            raise NotMergeable("second conv pads the output of a conv that is not 1×1/stride 1/unpadded")
+        if not border_is_bias and np.any(np.abs(first.bias) > bias_tol):
+            raise NotMergeable("second conv's zero padding would meet the first conv's nonzero bias")
+    f, s = densify(first), densify(second)
+    g = math.gcd(f.group, s.group)
+    f, s = regroup(f, g), regroup(s, g)
+    s1 = f.strides
+    k1, k2 = f.kernel_shape, s.kernel_shape
+    kernel = tuple(a + (b - 1) * st for a, b, st in zip(k1, k2, s1))
+    cg_in = f.weight.shape[1]
+    opg2 = s.cout // g
+    opg1 = f.cout // g  # = second's in-channels per group
+    w = np.zeros((s.cout, cg_in) + kernel)
+    for j in range(g):
+        w1 = f.weight[j * opg1 : (j + 1) * opg1]  # [M, I, *k1]
+        w2 = s.weight[j * opg2 : (j + 1) * opg2]  # [O, M, *k2]
+        blk = w[j * opg2 : (j + 1) * opg2]
+        for v in product(*(range(k) for k in k2)):
+            sl = tuple(slice(vv * st, vv * st + a) for vv, st, a in zip(v, s1, k1))
+            blk[(slice(None), slice(None)) + sl] += np.tensordot(w2[(slice(None), slice(None)) + v], w1, axes=(1, 0))
+    b = s.bias + (s.weight.reshape(s.cout, s.weight.shape[1], -1).sum(axis=2) * _grouped_bias(f, s, g)).sum(axis=1)
+    pads = tuple(f.pads_begin[a] + s1[a] * s.pads_begin[a] for a in range(r)) + tuple(
+        f.pads_end[a] + s1[a] * s.pads_end[a] for a in range(r)
+    )
+    strides = tuple(a * b_ for a, b_ in zip(s1, s.strides))
+    return ConvSpec(w, b, strides=strides, pads=pads, group=g)
+
+
+def _grouped_bias(f: ConvSpec, s: ConvSpec, g: int) -> np.ndarray:
+    """first's bias as seen by each output of second: [Cout2, M/g]."""
+    opg2 = s.cout // g
+    mg = s.weight.shape[1]
+    idx = (np.arange(s.cout)[:, None] // opg2) * mg + np.arange(mg)[None, :]
+    return f.bias[idx]
+
+
+def sparsest_group(spec: ConvSpec) -> ConvSpec:
+    """The same conv with the largest group its kernel's zero pattern allows.
+
+    A dense kernel that is block-diagonal (Split → convs → Concat, merged through channel
+    selections) is a grouped conv; writing it so saves the zero MACs."""
+    cout, cin = spec.cout, spec.cin
+    if spec.group != 1 or spec.rank == 0:
+        return spec
+    g_max = math.gcd(cout, cin)
+    nz = np.abs(spec.weight).reshape(cout, cin, -1).max(axis=2) != 0
+    for g in sorted((d for d in range(2, g_max + 1) if g_max % d == 0), reverse=True):
+        og, ig = cout // g, cin // g
+        blocks = np.zeros_like(nz)
+        for j in range(g):
+            blocks[j * og : (j + 1) * og, j * ig : (j + 1) * ig] = True
+        if not np.any(nz & ~blocks):
+            w = np.stack([spec.weight[j * og : (j + 1) * og, j * ig : (j + 1) * ig] for j in range(g)])
+            return replace(spec, weight=w.reshape((cout, ig) + spec.kernel_shape), group=g, meta={})
+    return spec
+
+
+def cast(spec: ConvSpec, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Weight and bias in the model's dtype, rounded once."""
+    return spec.weight.astype(dtype), spec.bias.astype(dtype)

@@ -1,0 +1,208 @@
+"""The optimize pipeline: prepare → rewrite to a fixed point → check → verify → report.
+
+    model = onnxrep.optimize("train.onnx")                  # ModelProto, verified
+    model, report = onnxrep.optimize("train.onnx", return_report=True)
+
+Errors are raised as onnxrep.errors types; the CLI maps them to exit codes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import onnx
+
+from . import engine as E
+from . import graph as G
+from . import stats, verify as V
+from .errors import InputError, OnnxrepError, VerificationError
+from .io import PROTOBUF_LIMIT, check_model, load_model
+
+log = logging.getLogger("onnxrep")
+
+
+@dataclass
+class Report:
+    input: str | None
+    before: dict
+    after: dict
+    rule_counts: dict[str, int]
+    rewrites: list[dict]
+    declines: list[dict]
+    verification: dict | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": 1,
+            "input": self.input,
+            "before": self.before,
+            "after": self.after,
+            "rule_counts": self.rule_counts,
+            "rewrites": self.rewrites,
+            "declines": self.declines,
+            "verification": self.verification,
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+        }
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """['x:1,3,224,224', ...] → {'x': [1, 3, 224, 224]}."""
+    from .errors import UsageError
+
+    shapes = {}
+    for s in specs or []:
+        name, sep, dims = s.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+            if any(d <= 0 for d in shapes[name]):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"bad --input-shape '{s}': expected name:d1,d2,... with positive integers") from None
+    return shapes
+
+
+def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    names = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in names:
+            raise InputError(f"--input-shape names '{name}', which is not a model input (inputs: {', '.join(names)})")
+        tt = names[name].type.tensor_type
+        if tt.shape.dim and len(tt.shape.dim) != len(dims):
+            raise InputError(f"--input-shape {name} has rank {len(dims)}, the model input has rank {len(tt.shape.dim)}")
+        for d, want in zip(tt.shape.dim, dims):
+            if d.HasField("dim_value") and d.dim_value not in (0, want):
+                raise InputError(f"--input-shape {name}: dimension {d.dim_value} is static in the model, not {want}")
+        del tt.shape.dim[:]
+        for v in dims:
+            tt.shape.dim.add().dim_value = v
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes for every tensor where ONNX can infer them (with shape-arithmetic propagation)."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return model  # TODO(issue 6): infer on a weight-less copy and copy value_info back
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # inference is best-effort: rules that need shapes decline without them
+        log.debug("shape inference failed: %s", e)
+        return model
+
+
+def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
+    """Pin shapes, infer shapes, import, fold constants (shape arithmetic included)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    if input_shapes:
+        pin_input_shapes(work, input_shapes)
+    work = infer_shapes(work)
+    graph = G.import_graph(work)
+    fold_constants(graph)
+    return work, graph
+
+
+def fold_constants(graph) -> None:
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+    except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
+        log.debug("constant folding stopped: %s", e)
+    G.tidy(graph)
+
+
+def rewrite(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> tuple[onnx.ModelProto, E.Context]:
+    template, graph = prepare(model, options.input_shapes)
+    ctx = E.Context(graph, options)
+    E.run(graph, rules, ctx)
+    G.tidy(graph)
+    out = G.export_graph(graph, template, ctx.provenance)
+    return out, ctx
+
+
+def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
+             enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
+             rtol: float | None = None, atol: float = 0.0, aggressive: bool = False, seed: int = 0,
+             return_report: bool = False):
+    """Re-parameterize `model` (a path or ModelProto); see the module docstring."""
+    t0 = time.perf_counter()
+    path = None
+    if isinstance(model, (str, os.PathLike)):
+        path = str(model)
+        file_bytes = os.path.getsize(path) if os.path.exists(path) else None
+        model = load_model(path)
+    else:
+        if not isinstance(model, onnx.ModelProto):
+            raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
+        check_model(model)
+        file_bytes = None
+    if not any(True for _ in model.graph.node):
+        raise InputError("model has no nodes")
+    selected = E.select_rules(rules, skip, enable)
+    options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
+    out, ctx = rewrite(model, selected, options)
+    try:
+        onnx.checker.check_model(out if out.ByteSize() < PROTOBUF_LIMIT else out, full_check=out.ByteSize() < PROTOBUF_LIMIT)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise OnnxrepError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
+
+    verification = None
+    if verify:
+        verification = _verify(model, out, ctx, selected, options, rtol, atol, seed)
+    report = Report(
+        input=path,
+        before=stats.summarize(model, file_bytes),
+        after=stats.summarize(out),
+        rule_counts=dict(ctx.counts),
+        rewrites=[{"rule": r.rule, "replaced": r.replaced, "created": r.created, "detail": r.detail} for r in ctx.rewrites],
+        declines=[{"rule": k[0], "node": k[1], "reason": k[2]} for k in ctx.declines],
+        verification=verification,
+        seconds=time.perf_counter() - t0,
+        notes=ctx.notes,
+    )
+    return (out, report) if return_report else out
+
+
+def _verify(model, out, ctx, selected, options, rtol, atol, seed) -> dict:
+    feeds = V.random_inputs(V.input_specs(model, options.input_shapes), seed)
+    try:
+        reference = V.run(model, feeds)
+    except Exception as e:
+        raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
+    try:
+        result = V.verify(model, out, rtol, atol, options.input_shapes, seed, reference, feeds)
+    except Exception as e:
+        raise VerificationError(f"ONNX Runtime cannot run the optimized model: {str(e).strip().splitlines()[0][:300]}") from e
+    summary = {
+        "ok": result.ok,
+        "max_rel_error": result.max_rel,
+        "outputs": [{"name": o.name, "max_abs": o.max_abs, "scale": o.scale, "tolerance": o.tolerance} for o in result.outputs],
+        "input_shapes": result.input_shapes,
+    }
+    if result.ok:
+        return summary
+    culprit = _find_culprit(model, ctx, selected, options, rtol, atol, reference, feeds)
+    worst = max(result.outputs, key=lambda o: o.rel)
+    who = f"; rule '{culprit}' is responsible (passes without it)" if culprit else ""
+    raise VerificationError(
+        f"verification failed: output '{worst.name}' differs by {worst.max_abs:.3g} "
+        f"(relative {worst.rel:.3g}, tolerance {worst.tolerance:.3g}){who}",
+        culprit=culprit, max_error=worst.rel,
+    )
+
+
+def _find_culprit(model, ctx, selected, options, rtol, atol, reference, feeds) -> str | None:
+    """Re-run without each rule that fired; the first whose absence makes outputs match is named."""
+    for name in ctx.counts:
+        rules = [r for r in selected if r.name != name]
+        try:
+            out, _ = rewrite(model, rules, options)
+            if V.verify(model, out, rtol, atol, options.input_shapes, 0, reference, feeds).ok:
+                return name
+        except Exception:  # a variant that fails to build tells us nothing about the culprit
+            continue
+    return None

@@ -1,0 +1,100 @@
+"""Model statistics for the before/after report: op counts, parameters, MACs, size."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .io import PROTOBUF_LIMIT
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of floating-point initializers and Constant-node tensors (the weights)."""
+    total = 0
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    for t in model.graph.initializer:
+        if t.data_type in floats:
+            total += math.prod(t.dims)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type in floats:
+                    total += math.prod(a.t.dims)
+    return total
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static shapes of every tensor (shape inference on a weight-less copy, so size is no issue)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model) if model.ByteSize() < PROTOBUF_LIMIT else light.CopyFrom(_header(model))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:
+        inferred = light
+    shapes = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    for t in g.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def _header(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)  # only reached above 2 GB; acceptable for stats
+    for t in m.graph.initializer:
+        t.ClearField("raw_data")
+    return m
+
+
+def macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one inference at the
+    model's static shapes; None when shapes are not static."""
+    shapes = _shapes(model)
+    total = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        ins = [shapes.get(i) for i in n.input[:2]]
+        out = shapes.get(n.output[0])
+        if out is None or any(s is None for s in ins):
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        group = int(attrs.get("group", 1))
+        if n.op_type == "Conv":
+            w = ins[1]
+            total += math.prod(out) * math.prod(w[1:])
+        elif n.op_type == "ConvTranspose":
+            w = ins[1]
+            total += math.prod(ins[0]) * w[1] * math.prod(w[2:])
+        elif n.op_type == "Gemm":
+            k = ins[0][0] if attrs.get("transA", 0) else ins[0][-1]
+            total += math.prod(out) * k
+        else:
+            total += math.prod(out) * ins[0][-1]
+    return int(total)
+
+
+def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> dict:
+    hist = op_histogram(model)
+    return {
+        "nodes": sum(hist.values()),
+        "ops": dict(sorted(hist.items())),
+        "parameters": parameter_count(model),
+        "macs": macs(model),
+        "file_bytes": file_bytes,
+    }

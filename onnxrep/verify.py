@@ -1,0 +1,152 @@
+"""Numerical verification with ONNX Runtime, its own graph optimizations disabled.
+
+ORT's fusions (Conv+BN, Conv+Add, ...) would otherwise run on the original graph too and could
+hide a wrong fold. Inputs are random with a fixed seed, in the model's real shapes and dtypes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+from .io import PROTOBUF_LIMIT, save_model
+
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+# fp32 rounding is ~6e-8 per op; merged kernels reorder sums, deep nets accumulate it.
+DEFAULT_RTOL = {np.float32: 1e-5, np.float64: 1e-9, np.float16: 2e-3}
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    scale: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_abs <= self.tolerance)
+
+    @property
+    def rel(self) -> float:
+        return self.max_abs / self.scale if self.scale else (0.0 if self.max_abs == 0 else float("inf"))
+
+
+@dataclass
+class VerifyResult:
+    outputs: list[OutputDiff] = field(default_factory=list)
+    input_shapes: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.rel for o in self.outputs), default=0.0)
+
+
+def input_specs(model: onnx.ModelProto, pinned: dict | None = None) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and numpy dtype per real graph input; symbolic dims: pinned value, else 1 for the
+    first axis (batch) and 32 elsewhere."""
+    pinned = pinned or {}
+    inits = {t.name for t in model.graph.initializer}
+    specs = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise InputError(f"input '{vi.name}' is not a tensor")
+        dtype = _NP.get(tt.elem_type)
+        if dtype is None:
+            raise InputError(f"input '{vi.name}' has unsupported element type {onnx.TensorProto.DataType.Name(tt.elem_type)}")
+        if vi.name in pinned:
+            shape = tuple(pinned[vi.name])
+        else:
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else 32)
+                for i, d in enumerate(tt.shape.dim)
+            )
+        specs[vi.name] = (shape, dtype)
+    return specs
+
+
+def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, (shape, dtype) in specs.items():
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[name] = np.zeros(shape, dtype=bool)
+        else:
+            feeds[name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), optimize: bool = False, threads: int | None = None):
+    """An ORT session for an in-memory model (written to a temp dir when it exceeds 2 GB)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
+    with tempfile.TemporaryDirectory(prefix="onnxrep-verify-") as d:
+        path = os.path.join(d, "model.onnx")
+        save_model(model, path, external=True)
+        return ort.InferenceSession(path, so, providers=list(providers))
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], rtol: float | None, atol: float) -> list[OutputDiff]:
+    diffs = []
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or got.shape != ref.shape:
+            diffs.append(OutputDiff(name, float("inf"), 0.0, 0.0))
+            continue
+        r = rtol if rtol is not None else DEFAULT_RTOL.get(ref.dtype.type, 1e-5)
+        if not np.issubdtype(ref.dtype, np.floating):
+            err = float(np.max(np.abs(ref.astype(np.int64) - got.astype(np.int64)), initial=0))
+            diffs.append(OutputDiff(name, err, 1.0, atol))
+            continue
+        a, b = ref.astype(np.float64), got.astype(np.float64)
+        if not (np.all(np.isfinite(a) == np.isfinite(b)) and np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)])):
+            diffs.append(OutputDiff(name, float("inf"), 0.0, 0.0))
+            continue
+        fin = np.isfinite(a)
+        err = float(np.max(np.abs(a[fin] - b[fin]), initial=0.0))
+        scale = float(np.max(np.abs(a[fin]), initial=0.0))
+        diffs.append(OutputDiff(name, err, scale, atol + r * scale))
+    return diffs
+
+
+def verify(original: onnx.ModelProto, optimized: onnx.ModelProto, rtol: float | None = None, atol: float = 0.0,
+           pinned: dict | None = None, seed: int = 0, reference: dict | None = None, feeds: dict | None = None) -> VerifyResult:
+    specs = input_specs(original, pinned)
+    feeds = feeds if feeds is not None else random_inputs(specs, seed)
+    ref = reference if reference is not None else run(original, feeds)
+    got = run(optimized, feeds)
+    return VerifyResult(compare(ref, got, rtol, atol), {k: list(v[0]) for k, v in specs.items()})

@@ -1,0 +1,15 @@
+"""The rewrite rules, in the order the engine applies them within a sweep.
+
+A new rule is one module here, one test module in tests/rules/, and one line in REGISTRY.
+"""
+from .fuse_bn_conv import FuseBnConv
+from .fuse_conv_bn import FuseConvBn
+from .merge_linear_regions import MergeLinearRegions
+from .remove_identities import RemoveIdentities
+
+REGISTRY = [
+    RemoveIdentities,
+    FuseConvBn,
+    FuseBnConv,
+    MergeLinearRegions,
+]

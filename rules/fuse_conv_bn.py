@@ -1,0 +1,103 @@
+"""fuse_conv_bn: fold a per-channel affine that follows a conv into the conv.
+
+    x → Conv/ConvTranspose/Gemm/MatMul(W, b) → BatchNormalization → y
+                                            (or Mul/Add/Sub/Div by a per-channel constant)
+  ⇒ x → Conv/ConvTranspose/Gemm(W', b') → y
+
+With the affine y = a·z + c per output channel o:  W'[o] = a[o]·W[o],  b'[o] = a[o]·b[o] + c[o].
+Exact for any groups, stride, dilation and padding, since it acts on outputs only. A Linear
+followed by BatchNorm1d (RepViT/LeViT heads) is the rank-0 case.
+
+Declines when the weight is not constant or is shared, when the conv output has another reader
+or is a graph output, or when the BN uses batch statistics (training_mode=1).
+"""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnxrep import graph as G
+from onnxrep import kernels as K
+from onnxrep import linear as L
+from onnxrep.engine import Rewrite, Rule
+
+LINEAR_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class FuseConvBn(Rule):
+    name = "fuse_conv_bn"
+    description = "fold BatchNormalization or a per-channel Mul/Add/Sub/Div into the preceding Conv, ConvTranspose, Gemm or MatMul"
+    anchors = tuple(L.AFFINE_OPS)
+
+    def match(self, node, ctx):
+        for t in node.inputs[:2] if node.op != "BatchNormalization" else node.inputs[:1]:
+            up = G.producer(t)
+            if up is not None and up.op in LINEAR_PRODUCERS and G.const(t) is None:
+                if node.op != "BatchNormalization" and not any(G.const(o) is not None for o in node.inputs):
+                    return None
+                return node, up, t
+        return None
+
+    def check(self, match, ctx):
+        node, up, t = match
+        aff = L.affine_of(node)
+        if not aff:
+            return aff.reason
+        if aff.x is not t:
+            return "the conv output is not the affine's data operand"
+        reason = G.fan_out_reason(ctx.graph, t)
+        if reason:
+            return reason
+        if up.op == "ConvTranspose":
+            return _check_transposed(up)
+        lin = L.conv_of(up)
+        if not lin:
+            return lin.reason
+        for w in up.inputs[1:]:
+            r = G.shared_constant_reason(w)
+            if r:
+                return r
+        cout = lin.spec.cout
+        if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
+            return f"affine has {max(aff.scale.size, aff.shift.size)} channels, conv makes {cout}"
+        return None
+
+    def rewrite(self, match, ctx):
+        node, up, t = match
+        aff = L.affine_of(node)
+        dtype = L.data_dtype(up.inputs[1])
+        if up.op == "ConvTranspose":
+            return _rewrite_transposed(ctx, node, up, aff, dtype)
+        lin = L.conv_of(up)
+        a, c = aff.broadcast(lin.spec.cout)
+        spec = K.affine_after(lin.spec, a, c)
+        return L.replace_with_conv(ctx.graph, spec, lin.x, node.outputs[0], [up, node], dtype, node.op)
+
+
+def _check_transposed(up: gs.Node) -> str | None:
+    if G.const(up.inputs[1]) is None:
+        return "ConvTranspose weight is not constant"
+    if len(up.inputs) > 2 and up.inputs[2].name and G.const(up.inputs[2]) is None:
+        return "ConvTranspose bias is not constant"
+    for w in up.inputs[1:]:
+        r = G.shared_constant_reason(w)
+        if r:
+            return r
+    return None
+
+
+def _rewrite_transposed(ctx, node, up, aff, dtype):
+    w = G.const(up.inputs[1])
+    b = G.const(up.inputs[2]) if len(up.inputs) > 2 and up.inputs[2].name else None
+    group = int(up.attrs.get("group", 1))
+    cout = w.shape[1] * group
+    a, c = aff.broadcast(cout)
+    w2, b2 = K.affine_after_transposed(w, b, group, a, c)
+    names = [up.name, node.name]
+    x, out, attrs, name = up.inputs[0], node.outputs[0], dict(up.attrs), up.name
+    G.remove_node(up)
+    G.remove_node(node)
+    wt = G.new_constant(ctx.graph, f"{name}.weight", w2.astype(dtype))
+    bt = G.new_constant(ctx.graph, f"{name}.bias", b2.astype(dtype))
+    new = gs.Node("ConvTranspose", name, attrs, [x, wt, bt], [out])
+    ctx.graph.nodes.append(new)
+    return Rewrite("", names, [name], node.op)
