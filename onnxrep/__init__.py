@@ -1,6 +1,7 @@
 """onnxrep: structural re-parameterization of ONNX graphs."""
 from .errors import InputError, OnnxrepError, OutputError, UsageError, VerificationError
+from .optimizer import Report, optimize
 
 __version__ = "0.1.0"
 
-__all__ = ["OnnxrepError", "InputError", "OutputError", "UsageError", "VerificationError", "__version__"]
+__all__ = ["optimize", "Report", "OnnxrepError", "InputError", "OutputError", "UsageError", "VerificationError", "__version__"]

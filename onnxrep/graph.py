@@ -20,6 +20,17 @@ log = logging.getLogger("onnxrep")
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
+def quiet_onnxruntime() -> None:
+    """ORT's own warnings (printed by sessions that graphsurgeon builds to fold constants) are noise
+    to onnxrep's users."""
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        pass
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     try:
         return gs.import_onnx(model)

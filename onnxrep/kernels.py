@@ -303,7 +303,7 @@ def concat(specs: list[ConvSpec]) -> ConvSpec:
         s = regroup(s, 1)
         ws.append(pad_kernel(s.weight, kernel, off))
         bs.append(s.bias)
-    return ConvSpec(np.concatenate(ws), np.concatenate(bs), strides=specs[0].strides, pads=pb + pe, dilations=dil, group=g)
+    return ConvSpec(np.concatenate(ws), np.concatenate(bs), strides=specs[0].strides, pads=pb + pe, dilations=dil, group=1)
 
 
 def block_diagonal(specs: list[ConvSpec]) -> ConvSpec:

@@ -46,6 +46,7 @@ class OutputDiff:
 class VerifyResult:
     outputs: list[OutputDiff] = field(default_factory=list)
     input_shapes: dict = field(default_factory=dict)
+    noise_floor: dict | None = None  # per output: how much ORT's own fusions move it
 
     @property
     def ok(self) -> bool:

@@ -2,6 +2,7 @@
 
 A new rule is one module here, one test module in tests/rules/, and one line in REGISTRY.
 """
+from .border_fill import CanonicalizeBorderFill
 from .fuse_bn_conv import FuseBnConv
 from .fuse_conv_bn import FuseConvBn
 from .merge_linear_regions import MergeLinearRegions
@@ -9,6 +10,7 @@ from .remove_identities import RemoveIdentities
 
 REGISTRY = [
     RemoveIdentities,
+    CanonicalizeBorderFill,
     FuseConvBn,
     FuseBnConv,
     MergeLinearRegions,
