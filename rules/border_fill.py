@@ -3,6 +3,10 @@
     y → Pad(0) → ScatterND(c) → ScatterND(c) → … → z          (slice assignment out[:, :, :p] = c,
   ⇒ y → Sub(c) → Pad(0) → Add(c) → z                           as the exporters write it)
 
+The legacy exporter writes the ScatterNDs directly; the dynamo exporter moves each sliced axis to
+the front with Transposes around them. Transposes inside the chain are followed too, as long as
+their net permutation is the identity.
+
 Both compute "y in the interior, c[channel] on the border". The Sub/Pad/Add form is the one the
 linear-region walk understands: when y = conv1×1(x) + b with b = c (DBB's BN-and-pad), the
 Sub cancels the bias, the Pad moves onto x, and the Add restores the border, so a following K×K
@@ -35,20 +39,29 @@ class BorderFill:
 class CanonicalizeBorderFill(Rule):
     name = "canonicalize_border_fill"
     description = "rewrite Pad + ScatterND border fills (slice assignment) as Sub → Pad → Add so branches can merge"
-    anchors = ("ScatterND",)
+    anchors = ("ScatterND", "Transpose")
 
     def match(self, node, ctx):
         out = node.outputs[0]
-        if len(out.outputs) == 1 and out.outputs[0].op == "ScatterND" and out.outputs[0].inputs[0] is out:
+        if len(out.outputs) == 1 and out.outputs[0].op in CHAIN_OPS and out.outputs[0].inputs[0] is out:
             return None  # not the last of the chain
         chain = [node]
         t = node.inputs[0]
-        while G.producer(t) is not None and G.producer(t).op == "ScatterND":
+        while G.producer(t) is not None and G.producer(t).op in CHAIN_OPS:
             chain.insert(0, G.producer(t))
             t = chain[0].inputs[0]
         pad = G.producer(t)
-        if pad is None or pad.op != "Pad":
+        if pad is None or pad.op != "Pad" or not any(n.op == "ScatterND" for n in chain):
             return None
+        perm = list(range(len(pad.outputs[0].shape or ())))
+        for n in chain:
+            if n.op == "Transpose":
+                p = n.attrs.get("perm") or list(range(len(perm)))[::-1]
+                if len(p) != len(perm):
+                    return None
+                perm = [perm[i] for i in p]
+        if perm != sorted(perm):
+            return None  # the chain ends in another layout: a real Transpose, not a border fill
         return BorderFill(pad, chain)
 
     def check(self, match, ctx):
@@ -62,6 +75,8 @@ class CanonicalizeBorderFill(Rule):
             if reason:
                 return reason
         for n in chain:
+            if n.op == "Transpose":
+                continue
             if n.attrs.get("reduction", "none") not in ("none", b"none"):
                 return "ScatterND with a reduction"
             if G.const(n.inputs[1]) is None or G.const(n.inputs[2]) is None:
@@ -91,7 +106,7 @@ class CanonicalizeBorderFill(Rule):
     def rewrite(self, match, ctx):
         pad, chain, vals = match.pad, match.chain, match.values
         shape = G.static_shape(pad.outputs[0])
-        dtype = L.data_dtype(chain[0].inputs[2])
+        dtype = L.data_dtype(*[n.inputs[2] for n in chain if n.op == "ScatterND"])
         c = G.new_constant(ctx.graph, f"{pad.name}/border_value", vals.astype(dtype).reshape((1, -1) + (1,) * (len(shape) - 2)))
         y = pad.inputs[0]
         out = chain[-1].outputs[0]
@@ -104,12 +119,20 @@ class CanonicalizeBorderFill(Rule):
         pad.inputs[0] = shifted
         add = gs.Node("Add", G.unique_node_name(ctx.graph, f"{pad.name}/Add"), inputs=[padded, c], outputs=[out])
         ctx.graph.nodes.extend([sub, add])
-        return Rewrite("", names, [sub.name, add.name], f"{len(chain)} ScatterND")
+        return Rewrite("", names, [sub.name, add.name], f"{len(chain)} ScatterND/Transpose")
+
+
+CHAIN_OPS = ("ScatterND", "Transpose")
 
 
 def _replay(shape, chain) -> np.ndarray:
+    """The chain applied to NaN-filled padded data: NaN where the data survives, else the value."""
     fill = np.full(shape, np.nan)
     for n in chain:
+        if n.op == "Transpose":
+            fill = np.transpose(fill, n.attrs.get("perm") or None)
+            shape = fill.shape
+            continue
         idx = G.const(n.inputs[1]).astype(np.int64)
         upd = G.const(n.inputs[2]).astype(np.float64)
         k = idx.shape[-1]
