@@ -74,6 +74,7 @@ def _add_rewrite_flags(o):
     o.add_argument("--skip", type=_csv, default=[], metavar="A,B", help="do not apply these rules")
     o.add_argument("--enable", type=_csv, default=[], metavar="A,B", help="also apply these opt-in rules")
     o.add_argument("--aggressive", action="store_true", help="merge even where the cost model expects a slower result")
+    o.add_argument("--rm", action="store_true", help="remove residual connections of ReLU ResNet blocks (RMNet; adds MACs), same as --enable rm_residual")
 
 
 def cmd_rules(args) -> int:
@@ -98,7 +99,7 @@ def cmd_optimize(args) -> int:
     info: dict = {}
     model = load_model(args.input, info=info)
     out, report = optimize(
-        model, rules=args.rules, skip=args.skip, enable=args.enable, input_shapes=shapes,
+        model, rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=shapes,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive,
         seed=args.seed, return_report=True,
     )

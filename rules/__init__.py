@@ -3,10 +3,12 @@
 A new rule is one module here, one test module in tests/rules/, and one line in REGISTRY.
 """
 from .border_fill import CanonicalizeBorderFill
+from .dead_channels import RemoveDeadChannels
 from .fuse_bn_conv import FuseBnConv
 from .fuse_conv_bn import FuseConvBn
 from .merge_linear_regions import MergeLinearRegions
 from .remove_identities import RemoveIdentities
+from .rm_residual import RmResidual
 
 REGISTRY = [
     RemoveIdentities,
@@ -14,4 +16,6 @@ REGISTRY = [
     FuseConvBn,
     FuseBnConv,
     MergeLinearRegions,
+    RemoveDeadChannels,
+    RmResidual,
 ]
