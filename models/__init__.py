@@ -1,0 +1,254 @@
+"""Training-time re-parameterizable PyTorch blocks and networks, and the registry ``ZOO``.
+
+Every entry of ``ZOO`` builds a small, seeded, calibrated (``models.common.calibrate``) model in
+eval mode, names its input shape, and states the op-type histogram its ONNX export must reach once
+``onnxrep optimize`` has fully re-parameterized it (``deploy_ops``).
+
+deploy_ops convention
+---------------------
+``deploy_ops`` is the EXACT op-type histogram of the deploy graph, written with canonical names.
+Before comparing, an exported/optimized graph's histogram is normalized with ``OP_ALIASES``:
+the dynamo exporter writes ``GlobalAveragePool`` as ``ReduceMean`` and ``Flatten`` as ``Reshape``,
+so those are counted under the legacy names.  After that, every op type must match its count
+exactly, and every op type not listed must be absent (no ``BatchNormalization``, ``Identity``,
+``Add``, ``Pad``, ``Constant``... unless listed).  ``check_deploy_ops`` implements this and returns
+a list of human-readable problems (empty = pass).
+
+Some entries also fix the output-channel count of each deploy ``Conv`` in node order
+(``deploy_conv_out_channels``, e.g. ResRep's pruned conv) and alternative deploy histograms for
+opt-in transforms (``extra_deploy_ops``, e.g. ``{"rm": {...}}`` for ResNet -> plain).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .acnet import ACBlock
+from .common import calibrate
+from .dbb import DiverseBranchBlock
+from .expandnet import ExpandNetCL
+from .fastvit import RepMixer
+from .mobileone import MobileOneNet
+from .repghost import RepGhostModule
+from .replknet import ReparamLargeKernelConv, RepLKBlock
+from .repvgg import RepVGG
+from .repvit import RepViTNet
+from .resnet import resnet18, resnet50
+from .resrep import ResRepBlock
+from .split_concat import SplitConvConcat
+
+__all__ = [
+    "ZOO",
+    "ZooEntry",
+    "OP_ALIASES",
+    "op_histogram",
+    "normalize_histogram",
+    "check_deploy_ops",
+    "conv_out_channels",
+    "calibrate",
+]
+
+#: exporter-specific spellings of the same deploy op, mapped to the canonical (legacy) name.
+OP_ALIASES: Mapping[str, str] = {"ReduceMean": "GlobalAveragePool", "Reshape": "Flatten"}
+
+
+def _load(model) -> "onnx.ModelProto":  # noqa: F821
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        return onnx.load(str(model), load_external_data=False)
+    return model
+
+
+def op_histogram(model) -> Counter:
+    """Op-type histogram of the main graph of an ``onnx.ModelProto`` (or a path to one)."""
+    return Counter(n.op_type for n in _load(model).graph.node)
+
+
+def normalize_histogram(histogram: Mapping[str, int]) -> Counter:
+    """Merge exporter-specific aliases (``OP_ALIASES``) into the canonical op names."""
+    out: Counter = Counter()
+    for op, n in histogram.items():
+        out[OP_ALIASES.get(op, op)] += n
+    return out
+
+
+def check_deploy_ops(expected: Mapping[str, int], histogram: Mapping[str, int]) -> list[str]:
+    """Compare a graph's op histogram with ``expected`` deploy ops; return the problems found.
+
+    Both sides are normalized with ``OP_ALIASES``; op types must match exactly and op types not in
+    ``expected`` must be absent.
+    """
+    want, got = normalize_histogram(expected), normalize_histogram(histogram)
+    problems = []
+    for op in sorted(set(want) | set(got)):
+        w, g = want.get(op, 0), got.get(op, 0)
+        if w != g:
+            if w == 0:
+                problems.append(f"{op}: {g} present, none expected")
+            else:
+                problems.append(f"{op}: expected {w}, found {g}")
+    return problems
+
+
+def conv_out_channels(model) -> list[int]:
+    """Output channels of each ``Conv`` node, in node order (from the weight initializer's dims)."""
+    m = _load(model)
+    dims = {t.name: list(t.dims) for t in m.graph.initializer}
+    return [dims[n.input[1]][0] if n.input[1] in dims else -1
+            for n in m.graph.node if n.op_type == "Conv"]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model of the zoo.
+
+    Attributes:
+        name: registry key.
+        build: returns the calibrated model in eval mode (seeded: same weights every call).
+        input_shape: the input the model is exported and verified with (batch 1).
+        deploy_ops: exact op histogram of the fully re-parameterized graph (module docstring).
+        description: one line.
+        notes: what the deploy structure is and why.
+        deploy_conv_out_channels: output channels of each deploy Conv in node order, where fixed by
+            the math (None: not checked).
+        extra_deploy_ops: deploy histograms under opt-in transforms, keyed by transform name.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    deploy_ops: Mapping[str, int]
+    description: str
+    notes: str
+    deploy_conv_out_channels: tuple[int, ...] | None = None
+    extra_deploy_ops: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def example_input(self, seed: int = 0, batch: int | None = None) -> torch.Tensor:
+        """A seeded N(0, 1) input of ``input_shape`` (batch overridable)."""
+        shape = self.input_shape if batch is None else (batch, *self.input_shape[1:])
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def check_deploy_ops(self, histogram: Mapping[str, int], transform: str | None = None
+                         ) -> list[str]:
+        """Problems of ``histogram`` against ``deploy_ops`` (or ``extra_deploy_ops[transform]``)."""
+        expected = self.deploy_ops if transform is None else self.extra_deploy_ops[transform]
+        return check_deploy_ops(expected, histogram)
+
+    def check_deploy_model(self, model, transform: str | None = None) -> list[str]:
+        """Problems of a deploy ONNX model (proto or path): op histogram and Conv channel counts."""
+        m = _load(model)
+        problems = self.check_deploy_ops(op_histogram(m), transform)
+        if transform is None and self.deploy_conv_out_channels is not None:
+            got = tuple(conv_out_channels(m))
+            if got != tuple(self.deploy_conv_out_channels):
+                problems.append(f"Conv output channels: expected "
+                                f"{tuple(self.deploy_conv_out_channels)}, found {got}")
+        return problems
+
+
+def _build(factory: Callable[[], nn.Module], input_shape: tuple[int, ...], seed: int = 0
+           ) -> nn.Module:
+    torch.manual_seed(seed)
+    model = factory()
+    return calibrate(model, input_shape, seed=seed)
+
+
+_HEAD = {"GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def _register(name, factory, input_shape, deploy_ops, description, notes, **kw) -> None:
+    input_shape = tuple(input_shape)
+    ZOO[name] = ZooEntry(name=name, build=partial(_build, factory, input_shape),
+                         input_shape=input_shape, deploy_ops=dict(deploy_ops),
+                         description=description, notes=notes, **kw)
+
+
+_register(
+    "repvgg", RepVGG, (1, 3, 32, 32), {"Conv": 6, "Relu": 6, **_HEAD},
+    "RepVGG net: stride-2 stem, 2 stages, 6 blocks (2 grouped g=4, 3 with identity BN), GAP, FC",
+    "Each RepVGG block (3x3 conv-BN + 1x1 conv-BN [+ identity BN] -> ReLU) becomes one 3x3 Conv "
+    "+ Relu; the identity kernel of the grouped block is per group; stride-2 blocks keep their "
+    "1x1 branch (embedded at the centre).  Head GlobalAveragePool/Flatten/Gemm unchanged.")
+_register(
+    "acnet", ACBlock, (1, 8, 16, 16), {"Conv": 1},
+    "ACNet asymmetric conv block: 3x3 + 1x3 + 3x1 conv-BN branches summed (8->16)",
+    "Fold each BN, embed the 1x3/3x1 kernels in the centre row/column of the 3x3, add: one Conv.")
+for _mode in ("slice", "subpadadd"):
+    _register(
+        f"dbb_{_mode}", partial(DiverseBranchBlock, 8, 16, pad_mode=_mode), (1, 8, 16, 16),
+        {"Conv": 1},
+        f"Diverse Branch Block, 4 branches, BN-and-pad border fill written as '{_mode}' (8->16)",
+        "KxK-BN, 1x1-BN, 1x1->BNAndPad->AvgPool(pad 0)->BN and 1x1->BNAndPad->KxK(pad 0)->BN all "
+        "become padded KxK convs of the input (BN-and-pad makes the border exact) and add: one "
+        "Conv.  The fill value is derived from BN constants; in legacy-nofold it is a Sub/Mul/Div/"
+        "Sqrt subgraph over initializers that must be constant-folded first.")
+_register(
+    "mobileone", MobileOneNet, (1, 16, 16, 16), {"Conv": 4, "Relu": 4},
+    "MobileOne: 2 units of (depthwise 3x3 block, pointwise 1x1 block), k=3 conv branches",
+    "Each block (k conv-BN branches + 1x1 scale conv-BN + identity BN, summed, ReLU) becomes one "
+    "Conv + Relu: dw 3x3 (with identity, stride 1), pw 16->32 (no identity: exports Add(t, 0)), "
+    "dw 3x3 stride 2 (no identity), pw 32->32 (with identity).")
+_register(
+    "repghost", RepGhostModule, (1, 16, 16, 16), {"Conv": 2, "Relu": 2},
+    "RepGhost module: 1x1 conv-BN-ReLU, then depthwise 3x3 conv-BN + fusion-BN branch, ReLU",
+    "The fusion BN is an identity branch of the depthwise conv: it merges into it.  The primary "
+    "1x1's ReLU output feeds both branches (fan-out is fine: both branches are merged).")
+_register(
+    "replknet_lk", ReparamLargeKernelConv, (1, 16, 16, 16), {"Conv": 1},
+    "RepLKNet large kernel: depthwise 13x13 conv-BN + depthwise 5x5 conv-BN in parallel",
+    "Fold BNs, zero-pad the 5x5 kernel to 13x13 (offset 4), add: one depthwise 13x13 Conv.")
+_register(
+    "replknet", RepLKBlock, (1, 16, 16, 16), {"Conv": 3, "Relu": 2, "Add": 1},
+    "RepLKNet block: pre-BN, 1x1 conv-BN-ReLU, dw 13x13+5x5 conv-BN, ReLU, 1x1 conv-BN, residual",
+    "The pre-BN folds forward into the unpadded 1x1 pw1 (BN before a conv); the large kernel "
+    "merges to one dw 13x13 Conv; pw2 absorbs its BN; the residual Add stays.")
+_register(
+    "expandnet", ExpandNetCL, (1, 8, 16, 16), {"Conv": 2, "Relu": 2},
+    "ExpandNet-CL: two 3x3 convs each expanded to 1x1(no bias)->3x3(pad 1)->1x1 (r=4), ReLU",
+    "Each linear chain composes to one 3x3 Conv (the padded 3x3 follows a bias-free 1x1, so the "
+    "composition is exact at the border); the second has stride 2.")
+_register(
+    "fastvit", RepMixer, (1, 16, 16, 16), {"Conv": 1},
+    "FastViT RepMixer: x + layer_scale * (dwconv-BN(x) + BN(x) - BN(x)), layer scale perturbed",
+    "Identity, the two BN-only branches and the dw conv-BN are all dw 3x3 kernels; the layer "
+    "scale scales output channels: one depthwise Conv.")
+_register(
+    "repvit", RepViTNet, (1, 16, 16, 16),
+    {"Conv": 3, "Relu": 1, "Add": 1, **_HEAD},
+    "RepViT: RepVggDw token mixer, channel-mixer residual, GAP, BN1d+Linear distillation head",
+    "RepVggDw (BN(dw3x3-BN + dw1x1 + x)) -> one depthwise Conv; channel mixer -> 2 Conv + Relu + "
+    "residual Add; head (two BN1d+Linear averaged) -> one Gemm.")
+_register(
+    "resnet18", partial(resnet18, width=16), (1, 3, 64, 64),
+    {"Conv": 20, "Relu": 17, "Add": 8, "MaxPool": 1, **_HEAD},
+    "ResNet-18 (BasicBlock [2,2,2,2], width 16) on 64x64",
+    "Plain form: every conv absorbs its BN; residual Adds, MaxPool, head stay.  extra_deploy_ops"
+    "['rm']: RM (ResNet->plain, opt-in) removes every Add: 17 Conv, 17 Relu.",
+    extra_deploy_ops={"rm": {"Conv": 17, "Relu": 17, "MaxPool": 1, **_HEAD}})
+_register(
+    "resnet50", partial(resnet50, width=8), (1, 3, 64, 64),
+    {"Conv": 53, "Relu": 49, "Add": 16, "MaxPool": 1, **_HEAD},
+    "ResNet-50 (Bottleneck [3,4,6,3], width 8, stride on the 3x3) on 64x64",
+    "Plain form: every conv absorbs its BN; residual Adds, MaxPool, head stay.  extra_deploy_ops"
+    "['rm']: RM removes every Add: 49 Conv, 49 Relu (MACs grow ~10x).",
+    extra_deploy_ops={"rm": {"Conv": 49, "Relu": 49, "MaxPool": 1, **_HEAD}})
+_register(
+    "resrep", ResRepBlock, (1, 8, 16, 16), {"Conv": 2, "Relu": 1},
+    "ResRep: 3x3 conv-BN -> 1x1 compactor with 4 of 16 rows exactly zero -> ReLU -> 3x3 conv-BN",
+    "conv-BN-compactor merges to one 3x3 Conv whose 4 zero output channels (weights and bias "
+    "exactly 0) are dropped with the matching input channels of the following conv: Conv 8->12, "
+    "Relu, Conv 12->16.",
+    deploy_conv_out_channels=(12, 16))
+_register(
+    "split_concat", SplitConvConcat, (1, 16, 16, 16), {"Conv": 1},
+    "chunk(x, 4) -> 3x3 conv-BN per chunk -> concat (16->32)",
+    "Per-chunk kernels stacked along the output axis are one grouped Conv (group 4).")

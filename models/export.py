@@ -1,0 +1,101 @@
+"""Export a training-time model to ONNX in each of the forms users produce.
+
+Forms (``FORMS``):
+
+- ``"legacy"``: TorchScript exporter (``dynamo=False``), opset 17, ``do_constant_folding=True``.
+  Conv -> BN pairs whose conv weight is an initializer arrive already fused; every other BN stays.
+- ``"legacy-nofold"``: the same with ``do_constant_folding=False``: every BN is a node, derived
+  constants (DBB's border fill value) stay as Sub/Mul/Div/Sqrt subgraphs over initializers, and
+  ``Identity`` nodes carry shared initializers.
+- ``"dynamo"``: torch.export-based exporter (``dynamo=True``, needs onnxscript), opset 18, weights
+  in external data (``<path>.data`` beside the model, via ``ONNXProgram.save(external_data=True)``).
+  Its optimizer fuses Conv+BN, writes GlobalAveragePool as ReduceMean and Flatten as Reshape.
+
+All forms name the input ``"input"`` and the output ``"output"``; ``dynamic_batch=True`` makes the
+batch axis symbolic ("batch").  Everything runs offline.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["FORMS", "DEFAULT_OPSET", "export_onnx", "data_path"]
+
+FORMS: tuple[str, ...] = ("legacy", "legacy-nofold", "dynamo")
+DEFAULT_OPSET = {"legacy": 17, "legacy-nofold": 17, "dynamo": 18}
+
+
+def data_path(path: str | os.PathLike) -> Path:
+    """Where the dynamo form's external weights land: ``<path>.data`` (e.g. model.onnx.data)."""
+    p = Path(path)
+    return p.with_name(p.name + ".data")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress prints, deprecation warnings and registration logs."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | os.PathLike,
+                form: str, opset: int | None = None, dynamic_batch: bool = False,
+                example: torch.Tensor | None = None) -> Path:
+    """Export ``model`` (put in eval mode) to ``path`` in the given ``form``; return the path.
+
+    Args:
+        model: the network; exported in eval mode (BN uses running statistics).
+        input_shape: shape of the example input (a seeded N(0,1) tensor unless ``example`` given).
+        path: destination ``.onnx`` file; the dynamo form also writes ``data_path(path)``.
+        form: one of ``FORMS``.
+        opset: override the form's default opset (17 legacy, 18 dynamo; below 18 dynamo may emit
+            an invalid Split).
+        dynamic_batch: make axis 0 of input and output symbolic.
+        example: the example input to trace with (for a dynamic batch in the dynamo form, give it
+            a batch of at least 2: torch.export specializes size-1 dimensions).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    opset = DEFAULT_OPSET[form] if opset is None else opset
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    if example is None:
+        shape = tuple(input_shape)
+        if dynamic_batch and form == "dynamo" and shape[0] < 2:
+            # torch.export specializes a size-1 dimension; trace a symbolic batch with batch 2.
+            shape = (2, *shape[1:])
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    names = dict(input_names=["input"], output_names=["output"])
+
+    with _quiet(), torch.no_grad():
+        if form in ("legacy", "legacy-nofold"):
+            dyn = ({"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
+            torch.onnx.export(model, (example,), str(path), dynamo=False,
+                              do_constant_folding=(form == "legacy"), opset_version=opset,
+                              dynamic_axes=dyn, **names)
+        else:
+            dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        dynamic_shapes=dyn, verbose=False, **names)
+            dp = data_path(path)
+            if dp.exists():
+                dp.unlink()
+            program.save(str(path), external_data=True)
+    return path
