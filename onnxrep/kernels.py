@@ -250,6 +250,9 @@ def _common_geometry(specs: list[ConvSpec]):
         raise NotMergeable("terms read different channel counts")
     if len({s.strides for s in specs}) > 1:
         raise NotMergeable(f"terms have different strides {sorted({s.strides for s in specs})}")
+    # a kernel of size 1 along an axis reads the same taps whatever its dilation there: adopt
+    # the dilation of the others so a dilated K×K and a 1×1 merge without densifying
+    specs = [_adopt_dilation(s, specs) for s in specs]
     dil = specs[0].dilations
     if len({s.dilations for s in specs}) > 1:
         specs = [densify(s) for s in specs]
@@ -270,6 +273,16 @@ def _common_geometry(specs: list[ConvSpec]):
     pe = tuple(c[a] + ext[a] - pb[a] for a in range(r))
     offsets = [tuple((pb[a] - s.pads_begin[a]) // unit[a] for a in range(r)) for s in specs]
     return specs, kernel, tuple(pb), pe, offsets, dil
+
+
+def _adopt_dilation(spec: ConvSpec, specs: list[ConvSpec]) -> ConvSpec:
+    dil = list(spec.dilations)
+    for a in range(spec.rank):
+        if spec.kernel_shape[a] == 1:
+            others = {s.dilations[a] for s in specs if s.kernel_shape[a] > 1}
+            if len(others) == 1:
+                dil[a] = others.pop()
+    return spec if tuple(dil) == spec.dilations else replace(spec, dilations=tuple(dil))
 
 
 def add(specs: list[ConvSpec]) -> ConvSpec:
@@ -374,6 +387,10 @@ def compose(first: ConvSpec, second: ConvSpec, border_is_bias: bool = False, bia
             raise NotMergeable("second conv pads the output of a conv that is not 1×1/stride 1/unpadded")
         if not border_is_bias and np.any(np.abs(first.bias) > bias_tol):
             raise NotMergeable("second conv's zero padding would meet the first conv's nonzero bias")
+    if all(k == 1 for k in second.kernel_shape) and not any(second.pads):
+        return _compose_pointwise_after(first, second)
+    if first.is_pointwise():
+        return _compose_pointwise_before(first, second)
     f, s = densify(first), densify(second)
     g = math.gcd(f.group, s.group)
     f, s = regroup(f, g), regroup(s, g)
@@ -397,6 +414,40 @@ def compose(first: ConvSpec, second: ConvSpec, border_is_bias: bool = False, bia
     )
     strides = tuple(a * b_ for a, b_ in zip(s1, s.strides))
     return ConvSpec(w, b, strides=strides, pads=pads, group=g)
+
+
+def _mix_channels(outer: np.ndarray, inner: np.ndarray, g: int) -> np.ndarray:
+    """Per group j: Σ_m outer[o, m] · inner[m, i, *k] for outer [O, M/g] and inner [M, I/g, *k]."""
+    o_g, m_g = outer.shape[0] // g, inner.shape[0] // g
+    blocks = [np.tensordot(outer[j * o_g : (j + 1) * o_g], inner[j * m_g : (j + 1) * m_g], axes=(1, 0)) for j in range(g)]
+    return np.concatenate(blocks)
+
+
+def _compose_pointwise_after(first: ConvSpec, second: ConvSpec) -> ConvSpec:
+    """1×1 unpadded second conv: mix first's output channels; first's geometry (dilation too) stays,
+    strides multiply."""
+    g = math.gcd(first.group, second.group)
+    f, s = regroup(first, g), regroup(second, g)
+    w2 = s.weight.reshape(s.cout, -1)
+    w = _mix_channels(w2, f.weight, g)
+    b = s.bias + (w2 * _grouped_bias(f, s, g)).sum(axis=1)
+    strides = tuple(a * b_ for a, b_ in zip(f.strides, s.strides))
+    return ConvSpec(w, b, strides=strides, pads=f.pads, dilations=f.dilations, group=g)
+
+
+def _compose_pointwise_before(first: ConvSpec, second: ConvSpec) -> ConvSpec:
+    """1×1, stride-1, unpadded first conv: mix second's input channels; second's geometry stays.
+    (compose() has already checked the border condition for a padded second conv.)"""
+    g = math.gcd(first.group, second.group)
+    f, s = regroup(first, g), regroup(second, g)
+    w1 = f.weight.reshape(f.cout, -1)  # [M, I/g]
+    # W[o, i, k] = Σ_m W2[o, m, k] · W1[m, i] within each group
+    w2t = np.moveaxis(s.weight, 1, -1)  # [O, *k, M/g]
+    o_g, m_g = s.cout // g, f.cout // g
+    blocks = [np.moveaxis(w2t[j * o_g : (j + 1) * o_g] @ w1[j * m_g : (j + 1) * m_g], -1, 1) for j in range(g)]
+    w = np.concatenate(blocks)
+    b = s.bias + (s.weight.reshape(s.cout, s.weight.shape[1], -1).sum(axis=2) * _grouped_bias(f, s, g)).sum(axis=1)
+    return ConvSpec(w, b, strides=s.strides, pads=s.pads, dilations=s.dilations, group=g)
 
 
 def _grouped_bias(f: ConvSpec, s: ConvSpec, g: int) -> np.ndarray:
@@ -431,3 +482,43 @@ def sparsest_group(spec: ConvSpec) -> ConvSpec:
 def cast(spec: ConvSpec, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Weight and bias in the model's dtype, rounded once."""
     return spec.weight.astype(dtype), spec.bias.astype(dtype)
+
+
+# -- a conv on a fixed input size as a matrix ----------------------------------------------------
+def conv_as_matrix(spec: ConvSpec, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The conv applied to inputs of spatial shape `in_shape` as one dense affine map of the
+    flattened input (RepMLP's locality injection: a conv is a sparse, weight-shared FC):
+
+        flatten(conv(x)) = M @ flatten(x) + b      M: [Cout·prod(out), Cin·prod(in_shape)]
+                                                   b: [Cout·prod(out)], the bias once per position
+
+    with out = spec.output_shape(in_shape) and row-major flattening of [C, *spatial] (what
+    Flatten(axis=1) and Reshape do). For output position n, kernel tap u, stride s, begin pad p
+    and dilation d the input position read is q = n·s − p + u·d per axis; taps with q outside the
+    input read zero padding and contribute nothing:
+
+        M[o·P + n, c·Q + q] = W[o, c − (o // (Cout/group))·(Cin/group), u]
+
+    Built one kernel tap at a time, vectorized over channels and positions.
+    """
+    in_shape = tuple(int(v) for v in in_shape)
+    if len(in_shape) != spec.rank:
+        raise ValueError(f"input shape {in_shape} does not match kernel rank {spec.rank}")
+    out_shape = spec.output_shape(in_shape)
+    if any(v <= 0 for v in out_shape) or any(v <= 0 for v in in_shape):
+        raise ValueError(f"conv on {in_shape} produces an empty output {out_shape}")
+    npos_out, npos_in = math.prod(out_shape), math.prod(in_shape)
+    cout, cg = spec.cout, spec.weight.shape[1]
+    m = np.zeros((cout, npos_out, spec.cin, npos_in))
+    rows = np.arange(cout)[:, None, None]
+    chans = ((np.arange(cout) // (cout // spec.group)) * cg)[:, None, None] + np.arange(cg)[None, :, None]
+    grid = np.indices(out_shape).reshape(spec.rank, npos_out)  # output position n, per axis
+    for u in np.ndindex(*spec.kernel_shape):
+        q = (grid * np.array(spec.strides)[:, None] - np.array(spec.pads_begin)[:, None]
+             + (np.array(u) * np.array(spec.dilations))[:, None]).astype(np.int64)
+        inside = np.all((q >= 0) & (q < np.array(in_shape)[:, None]), axis=0)
+        n = np.flatnonzero(inside)
+        qflat = np.ravel_multi_index(tuple(q[:, inside]), in_shape) if spec.rank else np.zeros(n.size, np.int64)
+        tap = spec.weight[(slice(None), slice(None)) + u]  # [Cout, Cin/group]
+        m[rows, n[None, None, :], chans, qflat[None, None, :]] += tap[:, :, None]
+    return m.reshape(cout * npos_out, spec.cin * npos_in), np.repeat(spec.bias, npos_out)

@@ -92,6 +92,12 @@ def _binary_affine(node: gs.Node) -> Affine | Decline:
     per_channel = _per_channel(c, r)
     if per_channel is None:
         return Decline(f"{node.op} constant of shape {list(c.shape)} is not per-channel on axis 1")
+    if per_channel.size > 1:
+        channels = x.shape[1] if x.shape is not None and len(x.shape) > 1 else None
+        if not isinstance(channels, (int, np.integer)) or channels != per_channel.size:
+            return Decline(f"{node.op} constant has {per_channel.size} channels, its input "
+                           f"{'has ' + str(channels) if isinstance(channels, (int, np.integer)) else 'an unknown count'}"
+                           " (it would broadcast)")
     v = per_channel.astype(np.float64)
     one, zero = np.ones_like(v), np.zeros_like(v)
     if node.op == "Mul":
@@ -295,6 +301,8 @@ def pad_of(node: gs.Node) -> LinearOp | Decline:
 def make_conv(graph: gs.Graph, spec: K.ConvSpec, x: gs.Tensor, out: gs.Tensor, dtype, name: str) -> gs.Node:
     """A Conv (or Gemm for rank 0) computing `spec` on x into `out`, weights cast once to dtype.
     `name` is used as given: callers pass the name of a node they are replacing."""
+    if spec.rank == 0 and spec.group != 1:
+        spec = K.regroup(spec, 1)  # Gemm has no groups
     w, b = K.cast(spec, dtype)
     wt = G.new_constant(graph, f"{name}.weight", w)
     bt = G.new_constant(graph, f"{name}.bias", b)

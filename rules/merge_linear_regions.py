@@ -66,6 +66,7 @@ class NotLinear(Exception):
 class Walker:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
+        self.stops: list[str] = []  # why the walk did not go further, for decline reasons
 
     # -- leaves ----------------------------------------------------------------------------------
     def leaf(self, t: gs.Tensor) -> Form:
@@ -82,8 +83,10 @@ class Walker:
         if G.private_to(self.graph, t, reader) and G.producer(t) is not None:
             try:
                 return self.form(t, depth + 1)
-            except NotLinear:
-                pass
+            except NotLinear as e:
+                self.stops.append(f"'{t.name}': {e}")
+        elif G.producer(t) is not None:
+            self.stops.append(G.fan_out_reason(self.graph, t) or f"'{t.name}' is read by another node")
         return self.leaf(t)
 
     # -- the walk --------------------------------------------------------------------------------
@@ -116,9 +119,9 @@ class Walker:
 
     def _affine(self, node, aff: L.Affine, depth) -> Form:
         inner = self.operand(aff.x, node, depth)
-        a, c = aff.broadcast(inner.spec.cout)
         if aff.scale.size not in (1, inner.spec.cout) or aff.shift.size not in (1, inner.spec.cout):
             raise NotLinear("affine channel count mismatch")
+        a, c = aff.broadcast(inner.spec.cout)
         return Form(inner.source, K.affine_after(inner.spec, a, c), inner.nodes + [node])
 
     def _compose(self, node, lin: L.LinearOp, depth) -> Form:
@@ -128,7 +131,8 @@ class Walker:
         border = _border_fill(inner, lin)
         try:
             spec = K.compose(inner.spec, lin.spec, bias_tol=border)
-        except K.NotMergeable:
+        except K.NotMergeable as e:
+            self.stops.append(f"{node.name}: {e}")
             return Form(lin.x, lin.spec, [node])  # stop here: lin.x becomes the source
         return Form(inner.source, spec, inner.nodes + [node])
 
@@ -136,7 +140,8 @@ class Walker:
         terms = self.sum_terms(node, depth)
         sources = {id(f.source) for f, _ in terms}
         if len(sources) != 1:
-            raise NotLinear("terms of the sum read different tensors")
+            names = ", ".join(sorted({f"'{f.source.name}'" for f, _ in terms}))
+            raise NotLinear(f"terms of the sum read different tensors ({names})")
         specs = [f.spec if sign > 0 else K.affine_after(f.spec, -1.0, 0.0) for f, sign in terms]
         try:
             spec = K.add(specs)
@@ -279,7 +284,8 @@ def merged_cost(spec: K.ConvSpec, source: gs.Tensor, out: gs.Tensor) -> int:
 class Region:
     root: gs.Node
     out: gs.Tensor
-    form: Form
+    form: Form | None
+    why_not: str | None = None  # a sum/concat whose branches do not merge: the reason
 
 
 class MergeLinearRegions(Rule):
@@ -295,13 +301,18 @@ class MergeLinearRegions(Rule):
         walker = Walker(ctx.graph)
         try:
             form = walker.form(out)
-        except (NotLinear, K.NotMergeable):
+        except (NotLinear, K.NotMergeable) as e:
+            if node.op in SUM_OPS + ("Concat",):
+                stops = "; ".join(dict.fromkeys(walker.stops))
+                return Region(node, out, None, f"{e}" + (f" (walk stopped: {stops})" if stops else ""))
             return None
         if form.size < 2:
             return None
         return Region(node, out, form)
 
     def check(self, region: Region, ctx):
+        if region.form is None:
+            return region.why_not
         form = region.form
         reason = _escapes(ctx.graph, form.nodes, region.out)
         if reason:
@@ -309,7 +320,7 @@ class MergeLinearRegions(Rule):
         return self._cost(form.spec, form.source, region.out, form.nodes, ctx)
 
     def _cost(self, spec, source, out, nodes, ctx):
-        spec = K.sparsest_group(spec)
+        spec = _final(spec)
         before = sum(node_cost(n) for n in nodes)
         after = merged_cost(spec, source, out)
         if after > before and not ctx.options.aggressive:
@@ -318,10 +329,15 @@ class MergeLinearRegions(Rule):
 
     def rewrite(self, region: Region, ctx):
         form = region.form
-        spec = K.sparsest_group(form.spec)
+        spec = _final(form.spec)
         dtype = L.data_dtype(*[t for n in form.nodes for t in n.inputs[1:]], region.out)
         return L.replace_with_conv(ctx.graph, spec, form.source, region.out, form.nodes, dtype,
                                    f"{len(form.nodes)} ops → {_describe(spec)}")
+
+
+def _final(spec: K.ConvSpec) -> K.ConvSpec:
+    """The spec as it will be written: Gemm has no groups; a block-diagonal conv gets its groups."""
+    return K.regroup(spec, 1) if spec.rank == 0 else K.sparsest_group(spec)
 
 
 def _escapes(graph, nodes, root_out) -> str | None:

@@ -1,0 +1,269 @@
+"""canonicalize_border_fill: Pad(0) followed by ScatterNDs that write a per-channel constant on the
+whole border (slice assignment as exported) becomes Sub(c) → Pad(0) → Add(c)."""
+from __future__ import annotations
+
+import numpy as np
+
+from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent,
+                           assert_untouched, ops, run_rules)
+
+RULE = "canonicalize_border_fill"
+N, C, H, W = 1, 4, 6, 7
+
+
+def border_mask(shape, pads):
+    """True on the padded border of a tensor of `shape` padded by ONNX `pads` (spatial, begins+ends)."""
+    r = len(shape) - 2
+    inner = np.zeros(shape, dtype=bool)
+    inner[(slice(None), slice(None)) + tuple(slice(pads[a], shape[a + 2] - pads[a + r]) for a in range(r))] = True
+    return ~inner
+
+
+def scatter(b, data, mask, values, **attrs):
+    """ScatterND writing values[channel] at every True element of `mask` (element indices, k = rank)."""
+    idx = np.argwhere(mask).astype(np.int64)
+    upd = np.asarray(values, dtype=np.float64)[idx[:, 1]]
+    return b.op("ScatterND", [data, b.ints(idx), b.const(upd)], **attrs)
+
+
+def scatter_rows(b, data, shape, rows, values):
+    """ScatterND with k=3 indices (n, c, h): whole rows of width W' at once."""
+    idx = np.array([(n, c, h) for n in range(shape[0]) for c in range(shape[1]) for h in rows], dtype=np.int64)
+    upd = np.repeat(np.asarray(values, dtype=np.float64)[idx[:, 1]][:, None], shape[3], axis=1)
+    return b.op("ScatterND", [data, b.ints(idx), b.const(upd)])
+
+
+def padded(b, y, p):
+    """y → Pad(0) on H and W by p = (top, left, bottom, right); returns (tensor, padded shape)."""
+    t, l, bt, r = p
+    out = b.pad(y, [0, 0, t, l, 0, 0, bt, r])
+    return out, (N, C, H + t + bt, W + l + r)
+
+
+def fill_model(seed=0, p=(1, 1, 1, 1), style="one", values=None, head="conv"):
+    b = GraphBuilder(seed)
+    x = b.input([N, C, H, W])
+    y = b.conv(x, C, C, k=1) if head == "conv" else b.relu(x)
+    vals = b.rng.standard_normal(C) if values is None else values
+    t, shape = padded(b, y, p)
+    sp = (p[0], p[1], p[2], p[3])
+    mask = border_mask(shape, sp)
+    if style == "one":
+        t = scatter(b, t, mask, vals)
+    elif style == "sides":  # top, bottom, left, right; the corners are written twice
+        for side in ("top", "bottom", "left", "right"):
+            m = np.zeros(shape, dtype=bool)
+            if side == "top":
+                m[:, :, : p[0]] = True
+            elif side == "bottom":
+                m[:, :, shape[2] - p[2]:] = True
+            elif side == "left":
+                m[:, :, :, : p[1]] = True
+            else:
+                m[:, :, :, shape[3] - p[3]:] = True
+            if m.any():
+                t = scatter(b, t, m, vals)
+    elif style == "rows":  # whole rows (k=3 indices), then the left/right columns element-wise
+        rows = list(range(p[0])) + list(range(shape[2] - p[2], shape[2]))
+        t = scatter_rows(b, t, shape, rows, vals)
+        cols = np.zeros(shape, dtype=bool)
+        cols[:, :, :, : p[1]] = True
+        cols[:, :, :, shape[3] - p[3]:] = True
+        t = scatter(b, t, cols, vals)
+    return b, t
+
+
+def canonical(model, count=1):
+    out, report = run_rules(model, RULE)
+    assert ops(out) == {"Conv": 1, "Sub": 1, "Pad": 1, "Add": 1}
+    assert report.rule_counts == {RULE: count}
+    assert_equivalent(model, out)
+    return out
+
+
+# -- positive ------------------------------------------------------------------------------------
+def test_single_scatter_whole_border():
+    """One ScatterND writing every border element → Sub/Pad/Add."""
+    b, t = fill_model(1, style="one")
+    canonical(b.build(t))
+
+
+def test_four_sides_overlapping_corners():
+    """Four ScatterNDs (top, bottom, left, right; corners written twice) → Sub/Pad/Add."""
+    b, t = fill_model(2, style="sides")
+    canonical(b.build(t))
+
+
+def test_rows_then_columns():
+    """Row-slab ScatterND (k=3 indices) then column ScatterND (k=4) → Sub/Pad/Add."""
+    b, t = fill_model(3, style="rows")
+    canonical(b.build(t))
+
+
+def test_asymmetric_padding():
+    """Pad (1,2,2,0) with its border filled."""
+    b, t = fill_model(4, p=(1, 2, 2, 0), style="sides")
+    canonical(b.build(t))
+
+
+def test_wide_padding():
+    """Pad 2 on every side, border filled by one ScatterND."""
+    b, t = fill_model(5, p=(2, 2, 2, 2), style="one")
+    canonical(b.build(t))
+
+
+def test_fill_is_graph_output():
+    """The filled tensor is a graph output: the Add writes it under the same name."""
+    b, t = fill_model(6, style="one")
+    model = b.build(t)
+    out, report = run_rules(model, RULE)
+    assert ops(out) == {"Conv": 1, "Sub": 1, "Pad": 1, "Add": 1}
+    assert [o.name for o in out.graph.output] == [t]
+    assert_equivalent(model, out)
+
+
+def test_dbb_bias_fill_merges_with_default_rules():
+    """DBB BN-and-pad: Conv1×1(bias b) → Pad → ScatterND(b) → Conv3×3 pad 0; default rules give one Conv."""
+    b = GraphBuilder(7)
+    x = b.input([N, C, H, W])
+    bias = b.rng.standard_normal(C)
+    y = b.conv(x, C, C, k=1, bias_name=b.const(bias))
+    t, shape = padded(b, y, (1, 1, 1, 1))
+    t = scatter(b, t, border_mask(shape, (1, 1, 1, 1)), bias)
+    model = b.build(b.conv(t, C, 6, k=3, pad=0))
+    out, report = run_rules(model)
+    assert ops(out) == {"Conv": 1}
+    assert report.rule_counts[RULE] == 1
+    assert_equivalent(model, out)
+    assert_idempotent(out)
+
+
+def test_dbb_bn_fill_merges_with_default_rules():
+    """Conv1×1 → BN → Pad → ScatterND(BN shift) → Conv3×3 pad 0; default rules give one Conv."""
+    b = GraphBuilder(8)
+    x = b.input([N, C, H, W])
+    gamma, beta, mean, var = (b.rng.uniform(0.5, 1.5, C), b.rng.standard_normal(C), b.rng.standard_normal(C),
+                              b.rng.uniform(0.5, 2.0, C))
+    y = b.bn(b.conv(x, C, C, k=1, bias=False), C, params=[b.const(v) for v in (gamma, beta, mean, var)])
+    shift = (beta.astype(np.float32) - mean.astype(np.float32) * gamma.astype(np.float32)
+             / np.sqrt(var.astype(np.float32) + np.float32(1e-5)))
+    t, shape = padded(b, y, (1, 1, 1, 1))
+    t = scatter(b, t, border_mask(shape, (1, 1, 1, 1)), shift)
+    model = b.build(b.conv(t, C, 6, k=3, pad=0))
+    out, report = run_rules(model)
+    assert ops(out) == {"Conv": 1}
+    assert_equivalent(model, out)
+
+
+# -- negative ------------------------------------------------------------------------------------
+def declined(model, *words):
+    out, report = run_rules(model, RULE)
+    assert_untouched(model, out, report)
+    if words:
+        assert_declined(report, RULE, *words)
+    return report
+
+
+def test_scatter_writes_interior_declined():
+    """ScatterND that also writes one interior element: declined."""
+    b, t = fill_model(20, style="one")
+    m = np.zeros((N, C, H + 2, W + 2), dtype=bool)
+    m[:, :, 3, 3] = True
+    t = scatter(b, t, m, np.ones(C))
+    declined(b.build(b.relu(t)), "inside")
+
+
+def test_partial_border_declined():
+    """ScatterND covering only the top row of the border: declined."""
+    b = GraphBuilder(21)
+    x = b.input([N, C, H, W])
+    t, shape = padded(b, b.relu(x), (1, 1, 1, 1))
+    m = np.zeros(shape, dtype=bool)
+    m[:, :, 0] = True
+    declined(b.build(b.relu(scatter(b, t, m, np.ones(C)))), "cover")
+
+
+def test_values_vary_within_channel_declined():
+    """Border values that differ between top and bottom of one channel: declined."""
+    b, t = fill_model(22, style="sides", head="relu")  # top/bottom/left/right with vals
+    m = np.zeros((N, C, H + 2, W + 2), dtype=bool)
+    m[:, :, -1] = True
+    t = scatter(b, t, m, np.full(C, 5.0))  # bottom row overwritten with another value
+    declined(b.build(b.relu(t)), "vary")
+
+
+def test_pad_nonzero_value_declined():
+    """Pad with constant value 1 under the fill: declined."""
+    b = GraphBuilder(23)
+    x = b.input([N, C, H, W])
+    t = b.pad(b.relu(x), [0, 0, 1, 1, 0, 0, 1, 1], value=np.float32(1.0))
+    shape = (N, C, H + 2, W + 2)
+    declined(b.build(b.relu(scatter(b, t, border_mask(shape, (1, 1, 1, 1)), np.arange(C)))), "value")
+
+
+def test_pad_reflect_declined():
+    """Reflect Pad under the fill: declined."""
+    b = GraphBuilder(24)
+    x = b.input([N, C, H, W])
+    t = b.pad(b.relu(x), [0, 0, 1, 1, 0, 0, 1, 1], mode="reflect")
+    shape = (N, C, H + 2, W + 2)
+    declined(b.build(b.relu(scatter(b, t, border_mask(shape, (1, 1, 1, 1)), np.arange(C)))), "mode")
+
+
+def test_padded_tensor_fan_out_declined():
+    """The padded tensor is also read by another node: declined (fan-out)."""
+    b = GraphBuilder(25)
+    x = b.input([N, C, H, W])
+    t, shape = padded(b, b.relu(x), (1, 1, 1, 1))
+    y = scatter(b, t, border_mask(shape, (1, 1, 1, 1)), np.arange(C))
+    declined(b.build(b.relu(y), b.relu(t)), "fan-out")
+
+
+def test_middle_of_chain_is_graph_output_declined():
+    """A tensor between two ScatterNDs of the chain is a graph output: declined."""
+    b = GraphBuilder(26)
+    x = b.input([N, C, H, W])
+    t, shape = padded(b, b.relu(x), (1, 1, 1, 1))
+    top = np.zeros(shape, dtype=bool)
+    top[:, :, 0] = True
+    t1 = scatter(b, t, top, np.arange(C))
+    t2 = scatter(b, t1, border_mask(shape, (1, 1, 1, 1)) & ~top, np.arange(C))
+    declined(b.build(b.relu(t2), t1), "graph output")
+
+
+def test_scatter_reduction_declined():
+    """ScatterND with reduction='add': declined."""
+    b = GraphBuilder(27)
+    x = b.input([N, C, H, W])
+    t, shape = padded(b, b.relu(x), (1, 1, 1, 1))
+    y = scatter(b, t, border_mask(shape, (1, 1, 1, 1)), np.arange(C), reduction="add")
+    declined(b.build(b.relu(y)), "reduction")
+
+
+def test_updates_not_constant_declined():
+    """ScatterND updates are a graph input: declined."""
+    b = GraphBuilder(28)
+    x = b.input([N, C, H, W])
+    t, shape = padded(b, b.relu(x), (1, 1, 1, 1))
+    idx = np.argwhere(border_mask(shape, (1, 1, 1, 1))).astype(np.int64)
+    u = b.input([len(idx)], name="updates")
+    declined(b.build(b.relu(b.op("ScatterND", [t, b.ints(idx), u]))), "not constant")
+
+
+def test_scatter_without_pad_untouched():
+    """ScatterND on an unpadded tensor is not a border fill: untouched, nothing reported."""
+    b = GraphBuilder(29)
+    x = b.input([N, C, H, W])
+    m = border_mask((N, C, H, W), (1, 1, 1, 1))
+    model = b.build(b.relu(scatter(b, b.relu(x), m, np.arange(C))))
+    out, report = run_rules(model, RULE)
+    assert_untouched(model, out, report)
+    assert report.declines == []
+
+
+# -- idempotence ---------------------------------------------------------------------------------
+def test_idempotent():
+    """A second run over the canonical Sub/Pad/Add form changes nothing."""
+    b, t = fill_model(40, style="sides")
+    out = canonical(b.build(t), count=1)
+    assert_idempotent(out, RULE)
