@@ -24,7 +24,7 @@ def class_scores(arr: np.ndarray, n: int) -> np.ndarray | None:
     """(n, C) view of an output with a class axis, else None."""
     if not isinstance(arr, np.ndarray) or arr.ndim < 2 or arr.shape[0] != n:
         return None
-    if arr.dtype.kind not in "fc" or arr.dtype.kind == "c":
+    if arr.dtype.kind != "f":
         return None
     shape = list(arr.shape)
     while len(shape) > 2 and shape[-1] == 1:
@@ -112,6 +112,7 @@ class Agreement:
             "cosine_min": self.cos_min if self.cos_n else None,
             "top1_agreement": (self.top1_match / self.top1_n) if self.has_class_axis and self.top1_n else None,
             "nonfinite": self.nonfinite,
+            "problem": None,
         }
 
 
