@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -21,6 +22,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def _tolerance(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0: {s}")
+    return v
 
 
 def _csv(s: str) -> list[str]:
@@ -38,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("output", help="where to write the optimized model (written atomically)")
     _add_rewrite_flags(o)
     o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
-    o.add_argument("--rtol", type=float, default=None, help="relative tolerance, of each output's max |value| (default 1e-5 for fp32, 2e-3 for fp16)")
-    o.add_argument("--atol", type=float, default=0.0, help="absolute tolerance added to the relative one (default 0)")
+    o.add_argument("--rtol", type=_tolerance, default=None, help="relative tolerance, of each output's max |value| (default 1e-5 for fp32, 2e-3 for fp16)")
+    o.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance added to the relative one (default 0)")
     o.add_argument("--seed", type=int, default=0, help="seed for the random verification inputs")
     o.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="write weights to OUTPUT.data: auto = when the input had external data or the model exceeds 1 GB")
@@ -96,6 +107,9 @@ def cmd_optimize(args) -> int:
     check_output_path(args.input, args.output)
     if args.report:
         check_output_path(args.input, args.report)
+        report = Path(args.report).resolve()
+        if report in (Path(args.output).resolve(), Path(args.output + ".data").resolve()):
+            raise UsageError(f"--report {args.report} would overwrite the output model")
     info: dict = {}
     model = load_model(args.input, info=info)
     out, report = optimize(

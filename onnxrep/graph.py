@@ -11,8 +11,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import InputError
+from .io import STRIPPED
 
 log = logging.getLogger("onnxrep")
 
@@ -38,6 +41,166 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         raise InputError(f"cannot read graph: {str(e).strip().splitlines()[0][:300]}") from e
 
 
+# -- weights: lazy import, payload-free export ----------------------------------------------------
+# Weights are the only large thing in a model, and protobuf (upb) makes every touch of them a copy:
+# reading raw_data copies it, CopyFrom/extend copy it, clearing a field frees nothing until the whole
+# message goes, ByteSize()/SerializeToString() serialize it all. So the graph keeps the input's
+# tensors as LazyValues (read on first use, released after the rules ran), and export writes a
+# payload-free skeleton first (checked, shape-inferred, verified with weights fed as arrays), then
+# fills each payload once, dropping the graph's array as it goes.
+PAYLOAD_MIN = 1024  # tensors smaller than this are exported whole (shape values, scalars)
+_RAW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+              onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+              onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+_LITTLE = np.little_endian
+
+
+def stub_index(t: onnx.TensorProto) -> int | None:
+    """The payload index of a stub written by export_skeleton / io.without_payload's callers, else None."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    kv = {e.key: e.value for e in t.external_data}
+    if kv.get("location") != STRIPPED:
+        return None
+    return int(kv["offset"]) if kv.get("offset", "").isdigit() else -1
+
+
+def attach_payloads(graph: gs.Graph, sources: list[onnx.TensorProto]) -> None:
+    """Point the graph's stub constants (imported from a without_payload copy whose stubs carry an
+    index into `sources`) at the real tensors, without reading them."""
+    for c in all_constants(graph):
+        v = c._values
+        if isinstance(v, LazyValues) and isinstance(v.tensor, onnx.TensorProto):
+            i = stub_index(v.tensor)
+            if i is not None:
+                if not 0 <= i < len(sources):
+                    raise InputError(f"tensor '{c.name}' has external data that was not loaded")
+                c._values = LazyValues(sources[i])
+                c.data_location = None
+
+
+def all_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Every Constant of the graph: its tensors, Constant-valued attributes, and subgraphs'."""
+    seen: dict[int, gs.Constant] = {}
+
+    def visit(g):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                seen[id(t)] = t
+        for n in g.nodes:
+            for v in n.attrs.values():
+                for x in v if isinstance(v, (list, tuple)) else (v,):
+                    if isinstance(x, gs.Constant):
+                        seen[id(x)] = x
+                    elif isinstance(x, gs.Graph):
+                        visit(x)
+
+    visit(graph)
+    return list(seen.values())
+
+
+def load_values(lazy: LazyValues) -> np.ndarray:
+    """The array of a lazily imported tensor: one copy (protobuf hands out raw_data as a new bytes
+    object, which the array wraps, read-only), where graphsurgeon's LazyValues.load makes three."""
+    t = lazy.tensor
+    if (isinstance(t, onnx.TensorProto) and t.data_type in _RAW_TYPES and _LITTLE and t.HasField("raw_data")
+            and t.data_location != onnx.TensorProto.EXTERNAL):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        raw = t.raw_data
+        shape = tuple(t.dims)
+        if len(raw) == int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    arr = lazy.load()
+    arr.flags.writeable = False
+    return arr
+
+
+def release_loaded(graph: gs.Graph) -> None:
+    """Forget the arrays `const` loaded for constants that are still the input's own tensors, so the
+    graph holds no second copy of weights the rules did not change."""
+    for c in all_constants(graph):
+        loaded = vars(c).get("_onnxrep_lazy")
+        if loaded is not None:
+            lazy, arr = loaded
+            if c._values is arr:
+                c._values = lazy
+            del c._onnxrep_lazy
+
+
+def _stub(name: str, data_type: int, dims, index: int) -> onnx.TensorProto:
+    t = onnx.TensorProto(name=name, data_type=data_type, dims=[int(d) for d in dims])
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=STRIPPED)
+    t.external_data.add(key="offset", value=str(index))
+    return t
+
+
+def export_skeleton(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[str, str] | None = None):
+    """Export `graph` with every top-level constant of PAYLOAD_MIN bytes or more as a stub (see
+    stub_index): a model of a few KB whatever the weights, for the checker, shape inference and ORT
+    (which gets the weights as arrays). Returns (skeleton, payloads): payloads[i] is the stub i's
+    source, a numpy array or a TensorProto; fill_payloads turns the skeleton into the model."""
+    payloads: list = []
+    swapped = []
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or t._export_dtype is not None and t._export_dtype != t.dtype:
+            continue
+        v = t._values
+        if isinstance(v, LazyValues) and not isinstance(v.tensor, onnx.TensorProto):
+            continue  # sparse
+        if isinstance(v, LazyValues):
+            data_type, dims, nbytes = v.tensor.data_type, v.tensor.dims, v.nbytes
+        elif isinstance(v, np.ndarray):
+            try:
+                data_type = dtype_to_onnx(v.dtype)
+            except Exception:  # a dtype ONNX has no name for: let graphsurgeon deal with it
+                continue
+            dims, nbytes = v.shape, v.nbytes
+        else:
+            continue
+        if nbytes < PAYLOAD_MIN:
+            continue
+        swapped.append((t, v))
+        payloads.append(v.tensor if isinstance(v, LazyValues) else v)
+        t._values = LazyValues(_stub(t.name, data_type, dims, len(payloads) - 1))
+    try:
+        skeleton = export_graph(graph, template, provenance)
+    finally:
+        for t, v in swapped:
+            t._values = v
+    return skeleton, payloads
+
+
+def fill_payloads(model: onnx.ModelProto, payloads: list, graph: gs.Graph | None = None) -> onnx.ModelProto:
+    """Write each stub's payload into `model` (in place) and return it. With `graph`, each constant
+    filled from an array is pointed at its new tensor and the array dropped, so the weights exist
+    once (in the model) rather than twice."""
+    by_name = {}
+    if graph is not None:
+        by_name = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for dst in model.graph.initializer:
+        i = stub_index(dst)
+        if i is None:
+            continue
+        src = payloads[i]
+        name = dst.name
+        if isinstance(src, onnx.TensorProto):
+            dst.CopyFrom(src)
+            dst.name = name
+            continue
+        del dst.external_data[:]
+        dst.ClearField("data_location")
+        if _LITTLE and dst.data_type in _RAW_TYPES:
+            dst.raw_data = np.ascontiguousarray(src).tobytes()
+        else:
+            dst.CopyFrom(onnx.numpy_helper.from_array(src, name))
+        payloads[i] = None
+        c = by_name.get(name)
+        if c is not None and c._values is src:
+            c._values = LazyValues(dst)
+    return model
+
+
 def export_graph(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[str, str] | None = None) -> onnx.ModelProto:
     """Export `graph` as a model that keeps the template's opsets, IR version and metadata."""
     model = gs.export_onnx(graph, do_type_check=False)
@@ -53,6 +216,12 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[st
     model.metadata_props.extend(template.metadata_props)
     if template.functions and not model.functions:
         model.functions.extend(template.functions)
+    if model.ir_version < 4:
+        # before IR 4 every initializer must also be listed as a graph input
+        listed = {i.name for i in model.graph.input}
+        for t in model.graph.initializer:
+            if t.name not in listed:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     if provenance:
         for n in model.graph.node:
             rule = provenance.get(n.name)
@@ -61,14 +230,39 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[st
     return model
 
 
+def update_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
+    """Take dtypes and shapes of the graph's variables from an inferred export of it (instead of
+    re-importing, which would copy every weight)."""
+    from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+
+    g = inferred.graph
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.output) + list(g.input)}
+    for t in graph.tensors().values():
+        vi = infos.get(t.name)
+        if isinstance(t, gs.Variable) and vi is not None and vi.type.HasField("tensor_type"):
+            if vi.type.tensor_type.elem_type:
+                t.dtype = get_onnx_tensor_dtype(vi)
+            if vi.type.tensor_type.HasField("shape"):
+                t.shape = get_onnx_tensor_shape(vi)
+
+
 def opset(graph: gs.Graph) -> int:
     return int(graph.opset or 0)
 
 
 def const(t: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a tensor if it is constant, else None."""
+    """The value of a tensor if it is constant, else None. Read-only: a weight is never changed in
+    place (release_loaded relies on that), rules build new arrays."""
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
+        v = t._values
+        if isinstance(v, LazyValues) and not isinstance(v, SparseValues):
+            arr = load_values(v)
+            t._values = arr
+            t._onnxrep_lazy = (v, arr)
+            return arr
+        arr = np.asarray(t.values).view()
+        arr.flags.writeable = False
+        return arr
     return None
 
 
@@ -121,8 +315,11 @@ def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
 
 
 def dtype_of(t: gs.Tensor) -> np.dtype | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values).dtype
+    if isinstance(t, gs.Constant):  # from the tensor's type: reading the values would load them
+        try:
+            return np.dtype(t.dtype)
+        except TypeError:
+            return None
     if t.dtype is None:
         return None
     try:

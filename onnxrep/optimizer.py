@@ -12,13 +12,15 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import engine as E
 from . import graph as G
 from . import stats, verify as V
 from .errors import InputError, OnnxrepError, VerificationError
-from .io import PROTOBUF_LIMIT, check_model, load_model
+from .io import check_model, load_model, run_checker, without_payload
 
 log = logging.getLogger("onnxrep")
 
@@ -85,9 +87,9 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes for every tensor where ONNX can infer them (with shape-arithmetic propagation)."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        return model  # TODO(issue 6): infer on a weight-less copy and copy value_info back
+    """Shapes for every tensor where ONNX can infer them (with shape-arithmetic propagation).
+    Give it a payload-free model (io.without_payload, graph.export_skeleton): inference serializes
+    its input, which for a model with weights costs a copy of them (and fails above 2 GB)."""
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # inference is best-effort: rules that need shapes decline without them
@@ -96,13 +98,23 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
-    """Pin shapes, infer shapes, import, fold constants (shape arithmetic included)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    """Pin shapes, infer shapes, import, fold constants (shape arithmetic included).
+
+    Works on a payload-free copy of `model` whose stubs are then pointed back at `model`'s own
+    tensors: nothing here copies a weight, and `model` is not modified. Returns that copy (the
+    template for export: opsets, IR version, metadata) and the graph."""
+    sources: list[onnx.TensorProto] = []
+
+    def keep(src, stub):
+        stub.external_data.add(key="offset", value=str(len(sources)))
+        sources.append(src)
+
+    work = without_payload(model, min_bytes=G.PAYLOAD_MIN, on_stub=keep)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
     work = infer_shapes(work)
     graph = G.import_graph(work)
+    G.attach_payloads(graph, sources)
     for _ in range(4):
         before = len(graph.nodes)
         fold_constants(graph)
@@ -110,7 +122,9 @@ def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> tuple[o
             break
         # folding turned computed Pad amounts, Reshape targets, ... into constants: infer again so
         # the tensors behind them get static shapes, which lets the next round fold Shape ops
-        graph = G.import_graph(infer_shapes(_strip_value_info(G.export_graph(graph, work))))
+        skeleton, _ = G.export_skeleton(graph, work)
+        G.update_shapes(graph, infer_shapes(_strip_value_info(skeleton)))
+    del work.graph.value_info[:]
     return work, graph
 
 
@@ -128,13 +142,40 @@ def fold_constants(graph) -> None:
     G.tidy(graph)
 
 
-def rewrite(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> tuple[onnx.ModelProto, E.Context]:
+class Rewritten:
+    """A rewritten graph, exported payload-free: `skeleton` (checked, verified with `weights()` fed
+    to ORT as arrays) becomes the model with `model()`, which moves the payloads in."""
+
+    def __init__(self, graph, template, ctx: E.Context):
+        self.graph, self.ctx = graph, ctx
+        self.skeleton, self.payloads = G.export_skeleton(graph, template, ctx.provenance)
+
+    def weights(self) -> dict:
+        """Stub name → array: the graph's own arrays (no copy) or the input's tensors read once."""
+        out = {}
+        for t in self.skeleton.graph.initializer:
+            i = G.stub_index(t)
+            if i is not None:
+                src = self.payloads[i]
+                out[t.name] = src if isinstance(src, np.ndarray) else G.load_values(LazyValues(src))
+        return out
+
+    def model(self) -> onnx.ModelProto:
+        return G.fill_payloads(self.skeleton, self.payloads, self.graph)
+
+
+def rewrite_graph(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> Rewritten:
     template, graph = prepare(model, options.input_shapes)
     ctx = E.Context(graph, options)
     E.run(graph, rules, ctx)
     G.tidy(graph)
-    out = G.export_graph(graph, template, ctx.provenance)
-    return out, ctx
+    G.release_loaded(graph)  # weights the rules read but kept: back to the input's tensors
+    return Rewritten(graph, template, ctx)
+
+
+def rewrite(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> tuple[onnx.ModelProto, E.Context]:
+    r = rewrite_graph(model, rules, options)
+    return r.model(), r.ctx
 
 
 def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
@@ -157,19 +198,23 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
         raise InputError("model has no nodes")
     selected = E.select_rules(rules, skip, enable)
     options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
-    out, ctx = rewrite(model, selected, options)
+    before = stats.summarize(model, file_bytes)
+    rewritten = rewrite_graph(model, selected, options)
+    ctx = rewritten.ctx
     try:
-        onnx.checker.check_model(out if out.ByteSize() < PROTOBUF_LIMIT else out, full_check=out.ByteSize() < PROTOBUF_LIMIT)
+        run_checker(rewritten.skeleton, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise OnnxrepError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
     verification = None
-    if verify:
-        verification = _verify(model, out, ctx, selected, options, rtol, atol, seed)
+    if verify:  # before the payloads move into the model: ORT reads the graph's arrays, no copy
+        verification = _verify(model, rewritten, ctx, selected, options, rtol, atol, seed)
+    after = stats.summarize(rewritten.skeleton)
+    out = rewritten.model()
     report = Report(
         input=path,
-        before=stats.summarize(model, file_bytes),
-        after=stats.summarize(out),
+        before=before,
+        after=after,
         rule_counts=dict(ctx.counts),
         rewrites=[{"rule": r.rule, "replaced": r.replaced, "created": r.created, "detail": r.detail} for r in ctx.rewrites],
         declines=[{"rule": k[0], "node": k[1], "reason": k[2]} for k in ctx.declines],
@@ -180,14 +225,16 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
     return (out, report) if return_report else out
 
 
-def _verify(model, out, ctx, selected, options, rtol, atol, seed) -> dict:
+def _verify(model, rewritten: Rewritten, ctx, selected, options, rtol, atol, seed) -> dict:
     feeds = V.random_inputs(V.input_specs(model, options.input_shapes), seed)
     try:
         reference = V.run(model, feeds)
     except Exception as e:
         raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
     try:
-        result = V.verify(model, out, rtol, atol, options.input_shapes, seed, reference, feeds)
+        got = V.run(rewritten.skeleton, feeds, weights=rewritten.weights())
+        result = V.VerifyResult(V.compare(reference, got, rtol, atol),
+                                {k: list(v.shape) for k, v in feeds.items()})
     except Exception as e:
         raise VerificationError(f"ONNX Runtime cannot run the optimized model: {str(e).strip().splitlines()[0][:300]}") from e
     if not result.ok:

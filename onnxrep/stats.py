@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .io import PROTOBUF_LIMIT
+from .io import _expected_bytes, without_payload
 
 
 def op_histogram(model: onnx.ModelProto) -> Counter:
@@ -31,13 +31,18 @@ def parameter_count(model: onnx.ModelProto) -> int:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    """Bytes of the initializers, from their dims (reading raw_data would copy every weight)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = _expected_bytes(t)
+        total += n if n is not None else numpy_helper.to_array(t).nbytes
+    return total
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Static shapes of every tensor (shape inference on a weight-less copy, so size is no issue)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < PROTOBUF_LIMIT else light.CopyFrom(_header(model))
+    """Static shapes of every tensor, by shape inference on a payload-free copy (inference
+    serializes its input: a model with weights would cost a copy of them, and fail above 2 GB)."""
+    light = without_payload(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:
@@ -51,14 +56,6 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     for t in g.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
-
-
-def _header(model):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)  # only reached above 2 GB; acceptable for stats
-    for t in m.graph.initializer:
-        t.ClearField("raw_data")
-    return m
 
 
 def macs(model: onnx.ModelProto) -> int | None:

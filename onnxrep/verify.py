@@ -5,6 +5,7 @@ hide a wrong fold. Inputs are random with a fixed seed, in the model's real shap
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .io import PROTOBUF_LIMIT, save_model
+from .io import PROTOBUF_LIMIT, payload_bytes, save_model, without_payload
 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -21,6 +22,9 @@ _NP = {
     onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
     onnx.TensorProto.BOOL: np.bool_,
 }
+
+# a random verification input larger than this is refused rather than allocated
+MAX_INPUT_BYTES = 4 << 30
 
 # fp32 rounding is ~6e-8 per op; merged kernels reorder sums, deep nets accumulate it.
 DEFAULT_RTOL = {np.float32: 1e-5, np.float64: 1e-9, np.float16: 2e-3}
@@ -76,9 +80,13 @@ def input_specs(model: onnx.ModelProto, pinned: dict | None = None) -> dict[str,
             shape = tuple(pinned[vi.name])
         else:
             shape = tuple(
-                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else 32)
+                d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 32)
                 for i, d in enumerate(tt.shape.dim)
             )
+        need = math.prod(shape) * np.dtype(dtype).itemsize
+        if need > MAX_INPUT_BYTES:
+            raise InputError(f"input '{vi.name}' of shape {list(shape)} needs {need / (1 << 30):.1f} GiB to verify; "
+                             "pin a smaller shape with --input-shape or pass --no-verify")
         specs[vi.name] = (shape, dtype)
     return specs
 
@@ -104,10 +112,10 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), optimiz
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user as one onnxrep line, not ORT's own log
     if threads:
         so.intra_op_num_threads = threads
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if payload_bytes(model) < PROTOBUF_LIMIT - (64 << 20):  # ByteSize() would serialize it all to ask
         return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="onnxrep-verify-") as d:
         path = os.path.join(d, "model.onnx")
@@ -115,10 +123,60 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), optimiz
         return ort.InferenceSession(path, so, providers=list(providers))
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of `model` on `feeds` in ORT, optimizations off.
+
+    The weights go to ORT as extra graph inputs, numpy arrays it reads in place, not as serialized
+    initializers: a session built from a serialized model costs several copies of the weights and
+    seconds per GB (and a temp file above 2 GB); one fed its weights costs nothing. The kernels are
+    the same with optimizations off. `model` may be a payload-free skeleton whose stubs `weights`
+    supplies (optimizer.Rewritten); without `weights`, large initializers are read out of `model`."""
+    if weights is None:
+        weights = {}
+
+        def take(src, stub):
+            arr = _array_of(src)
+            if arr is None:  # a type numpy cannot hold as is: leave it an initializer
+                stub.CopyFrom(src)
+            else:
+                weights[src.name] = arr
+
+        model = without_payload(model, initializers_only=True, on_stub=take)
+    else:
+        model = without_payload(model, initializers_only=True)  # a copy: `model` stays as it is
+    sess = session(_weights_as_inputs(model, weights))
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return dict(zip(names, sess.run(names, {**feeds, **weights})))
+
+
+def _array_of(t: onnx.TensorProto) -> np.ndarray | None:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from .graph import load_values
+
+    try:
+        arr = load_values(LazyValues(t))
+    except Exception:  # e.g. a dtype graphsurgeon cannot load
+        return None
+    return arr if arr.dtype.type in _NP.values() else None
+
+
+def _weights_as_inputs(light: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
+    """`light` (modified in place) with the initializers named in `weights` turned into graph inputs."""
+    g = light.graph
+    if not any(t.name in weights for t in g.initializer):
+        return light
+    inputs = {i.name for i in g.input}
+    kept = []
+    for t in g.initializer:
+        if t.name not in weights:
+            kept.append(onnx.TensorProto())
+            kept[-1].CopyFrom(t)  # small (stubs are never kept): copy before the list is cleared
+        elif t.name not in inputs:  # IR < 4 lists initializers among the inputs already
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return light
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], rtol: float | None, atol: float) -> list[OutputDiff]:
@@ -134,7 +192,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
             diffs.append(OutputDiff(name, err, 1.0, atol))
             continue
         a, b = ref.astype(np.float64), got.astype(np.float64)
-        if not (np.all(np.isfinite(a) == np.isfinite(b)) and np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)])):
+        if not (np.all(np.isfinite(a) == np.isfinite(b)) and np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)], equal_nan=True)):
             diffs.append(OutputDiff(name, float("inf"), 0.0, 0.0))
             continue
         fin = np.isfinite(a)

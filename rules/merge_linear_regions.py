@@ -73,6 +73,8 @@ class Walker:
         shape = t.shape
         if shape is None or len(shape) < 2 or not isinstance(shape[1], (int, np.integer)):
             raise NotLinear(f"channel count of '{t.name}' is unknown")
+        if int(shape[1]) == 0:
+            raise NotLinear(f"'{t.name}' has no channels")
         dt = G.dtype_of(t)
         if dt is not None and not np.issubdtype(dt, np.floating):
             raise NotLinear(f"'{t.name}' is not floating point")
