@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import onnx
 
-from . import __version__
+from . import __version__, units
 from .bench_metrics import latency_stats
 from .bench_worker import OPT_LEVELS, first_line
 from .errors import InputError, OutputError, UsageError
@@ -1169,22 +1169,6 @@ def _fmt_ms(v) -> str:
     return f"{v:.4f}"
 
 
-def _fmt_bytes(v) -> str:
-    if v is None:
-        return "?"
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if v >= div:
-            return f"{v / div:.2f} {unit}"
-    return f"{v} B"
-
-
-def _fmt_count(v) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if v >= div:
-            return f"{v / div:.2f}{unit}"
-    return str(v)
-
-
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
@@ -1209,12 +1193,12 @@ def format_table(result: dict) -> str:
     out.append("")
     rows = []
     for m in result["models"]:
-        rows.append([str(m["index"]), m["name"], str(m["nodes"]), _fmt_count(m["params"]), _fmt_bytes(m["size_bytes"]),
+        rows.append([str(m["index"]), m["name"], str(m["nodes"]), units.count(m["params"]), units.nbytes(m["size_bytes"]),
                      "dynamic" if m["static_batch"] is None else str(m["static_batch"])])
         if m["int8"] is not None:
             i8 = m["int8"]
             if i8["status"] == "ok":
-                rows.append(["", "  int8 (QDQ)", str(i8["nodes"]), "", _fmt_bytes(i8["size_bytes"]), ""])
+                rows.append(["", "  int8 (QDQ)", str(i8["nodes"]), "", units.nbytes(i8["size_bytes"]), ""])
             else:
                 rows.append(["", "  int8", "", "", "", ""])
     out += _table(["#", "model", "nodes", "params", "size", "batch"], rows, {0, 2, 3, 4})

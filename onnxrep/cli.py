@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
+from . import __version__, units
 from .errors import EXIT_INTERNAL, EXIT_USAGE, OnnxrepError, UsageError
 
 
@@ -172,33 +172,15 @@ def _write_json(path, data) -> None:
         raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
 
 
-def _fmt_int(v) -> str:
-    if v is None:
-        return "?"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.2f}{unit}"
-    return str(v)
-
-
-def _fmt_bytes(v) -> str:
-    if v is None:
-        return "?"
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if v >= div:
-            return f"{v / div:.2f} {unit}"
-    return f"{v} B"
-
-
 def format_report(report, explain: bool = False) -> str:
     b, a = report.before, report.after
     ops = sorted(set(b["ops"]) | set(a["ops"]), key=lambda k: (-b["ops"].get(k, 0), k))
     rows = [(op, str(b["ops"].get(op, 0)), str(a["ops"].get(op, 0))) for op in ops]
     rows += [
         ("nodes", str(b["nodes"]), str(a["nodes"])),
-        ("parameters", _fmt_int(b["parameters"]), _fmt_int(a["parameters"])),
-        ("MACs", _fmt_int(b["macs"]), _fmt_int(a["macs"])),
-        ("size", _fmt_bytes(b.get("file_bytes")), _fmt_bytes(a.get("file_bytes"))),
+        ("parameters", units.count(b["parameters"]), units.count(a["parameters"])),
+        ("MACs", units.count(b["macs"]), units.count(a["macs"])),
+        ("size", units.nbytes(b.get("file_bytes")), units.nbytes(a.get("file_bytes"))),
     ]
     w0 = max(len(r[0]) for r in rows + [("", "", "")])
     w1 = max(len(r[1]) for r in rows + [("", "before", "")])

@@ -19,17 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import onnxrep  # noqa: E402
+from onnxrep import units  # noqa: E402
 from models import ZOO, check_deploy_ops  # noqa: E402
 from models.export import FORMS, export_onnx  # noqa: E402
-
-
-def _si(v):
-    if v is None:
-        return "?"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.2f}{unit}"
-    return str(v)
 
 
 def main(argv=None) -> int:
@@ -55,8 +47,8 @@ def main(argv=None) -> int:
             ok = "yes" if not check_deploy_ops(want, rep.after["ops"]) else "NO"
             ops = " ".join(f"{k}×{v}" for k, v in sorted(rep.after["ops"].items()))
             b, a = rep.before, rep.after
-            print(f"| {name} | {form} | {b['nodes']} → {a['nodes']} | {ops} | {_si(b['parameters'])} → {_si(a['parameters'])} "
-                  f"| {_si(b['macs'])} → {_si(a['macs'])} | {rep.verification['max_rel_error']:.1e} | {ok} | {dt:.2f} s |", flush=True)
+            print(f"| {name} | {form} | {b['nodes']} → {a['nodes']} | {ops} | {units.count(b['parameters'])} → {units.count(a['parameters'])} "
+                  f"| {units.count(b['macs'])} → {units.count(a['macs'])} | {rep.verification['max_rel_error']:.1e} | {ok} | {dt:.2f} s |", flush=True)
     return 0
 
 
