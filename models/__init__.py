@@ -40,6 +40,7 @@ from .replknet import ReparamLargeKernelConv, RepLKBlock
 from .repvgg import RepVGG
 from .repvit import RepViTNet
 from .resnet import resnet18, resnet50
+from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
 
@@ -252,3 +253,11 @@ _register(
     "split_concat", SplitConvConcat, (1, 16, 16, 16), {"Conv": 1},
     "chunk(x, 4) -> 3x3 conv-BN per chunk -> concat (16->32)",
     "Per-chunk kernels stacked along the output axis are one grouped Conv (group 4).")
+_register(
+    "repmlp", RepMLPBlock, (1, 8, 8, 8), {"Flatten": 2, "Gemm": 1, "Relu": 1},
+    "RepMLP block: Linear(C*h*w -> O*h*w)+BN1d on the flattened 8x8 map + 1x1 and 3x3 conv-BN "
+    "branches (g=2), summed, ReLU (8->8)",
+    "BN1d folds into the Gemm, the conv-BN branches merge into one 3x3 Conv, and that Conv, on "
+    "the fixed 8x8 map, is a matrix added to the FC weight (bias repeated per position): "
+    "Flatten -> Gemm -> Reshape -> Relu.  The output Reshape counts as Flatten (OP_ALIASES); "
+    "dynamo writes the input Flatten as Reshape too.")

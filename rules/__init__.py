@@ -8,6 +8,7 @@ from .fuse_bn_conv import FuseBnConv
 from .fuse_conv_bn import FuseConvBn
 from .merge_linear_regions import MergeLinearRegions
 from .remove_identities import RemoveIdentities
+from .repmlp import FoldConvIntoFc
 from .rm_residual import RmResidual
 
 REGISTRY = [
@@ -16,6 +17,7 @@ REGISTRY = [
     FuseConvBn,
     FuseBnConv,
     MergeLinearRegions,
+    FoldConvIntoFc,
     RemoveDeadChannels,
     RmResidual,
 ]
