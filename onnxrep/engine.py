@@ -99,6 +99,11 @@ def _constants(nodes):
 
 
 def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) -> Context:
+    with G.tracking(graph):
+        return _run(graph, rules, ctx, max_sweeps)
+
+
+def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> Context:
     for sweep in range(max_sweeps):
         changed = False
         for rule in rules:
@@ -133,6 +138,7 @@ def _sweep_rule(graph: gs.Graph, rule: Rule, ctx: Context) -> int:
             continue
         if _signature(graph) == before:
             raise EngineError(f"rule {rule.name} reported a rewrite at {node.name} but changed nothing")
+        G.release_dead(graph)  # weights the rewrite replaced: free them now, not at the next gc
         rw.rule = rule.name
         for name in rw.created:
             ctx.provenance[name] = rule.name

@@ -5,6 +5,7 @@ rewrite must ask ("is this a constant?", "does anyone else read this tensor?") h
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 
@@ -14,7 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .errors import InputError
+from .errors import InputError, OnnxrepError
 from .io import STRIPPED
 
 log = logging.getLogger("onnxrep")
@@ -49,6 +50,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 # payload-free skeleton first (checked, shape-inferred, verified with weights fed as arrays), then
 # fills each payload once, dropping the graph's array as it goes.
 PAYLOAD_MIN = 1024  # tensors smaller than this are exported whole (shape values, scalars)
+RELEASED = -1  # stub index of a weight whose array release_dead dropped
 _RAW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
               onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
               onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
@@ -62,7 +64,7 @@ def stub_index(t: onnx.TensorProto) -> int | None:
     kv = {e.key: e.value for e in t.external_data}
     if kv.get("location") != STRIPPED:
         return None
-    return int(kv["offset"]) if kv.get("offset", "").isdigit() else -1
+    return int(kv["offset"]) if kv.get("offset", "").isdigit() else RELEASED
 
 
 def attach_payloads(graph: gs.Graph, sources: list[onnx.TensorProto]) -> None:
@@ -103,6 +105,9 @@ def load_values(lazy: LazyValues) -> np.ndarray:
     """The array of a lazily imported tensor: one copy (protobuf hands out raw_data as a new bytes
     object, which the array wraps, read-only), where graphsurgeon's LazyValues.load makes three."""
     t = lazy.tensor
+    if isinstance(t, onnx.TensorProto) and stub_index(t) is not None:
+        raise _released(t.name) if stub_index(t) == RELEASED else OnnxrepError(
+            f"internal error: weight '{t.name}' is a payload-free stub (not attached to its data)")
     if (isinstance(t, onnx.TensorProto) and t.data_type in _RAW_TYPES and _LITTLE and t.HasField("raw_data")
             and t.data_location != onnx.TensorProto.EXTERNAL):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
@@ -113,6 +118,65 @@ def load_values(lazy: LazyValues) -> np.ndarray:
     arr = lazy.load()
     arr.flags.writeable = False
     return arr
+
+
+_ACTIVE: list = []  # graphs being rewritten (engine.run): weights loaded by `const` are tracked there
+
+
+@contextlib.contextmanager
+def tracking(graph: gs.Graph):
+    """Within this block, weights that `const` loads are tracked for release_dead on `graph`."""
+    _ACTIVE.append(graph)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def _track(graph: gs.Graph, c: gs.Constant) -> None:
+    tracked = vars(graph).get("_onnxrep_weights")  # gs.Graph.__getattr__ would look up a graph function
+    if tracked is None:
+        tracked = graph._onnxrep_weights = []
+    tracked.append(c)
+
+
+def release_dead(graph: gs.Graph) -> None:
+    """Drop the arrays of tracked weights (loaded by `const` or made by `new_constant`) that no node
+    reads any more. Every graphsurgeon tensor sits in a reference cycle (its input/output lists point
+    back at it), so a weight a rewrite replaced would otherwise stay in memory until Python's cycle
+    collector happens to run: a RepVGG model would hold its input weights, the BN-fused ones and the
+    merged ones at once. Called by the engine after each rewrite."""
+    tracked = vars(graph).get("_onnxrep_weights")
+    if not tracked:
+        return
+    outputs = {id(t) for t in graph.outputs}
+    alive = []
+    for c in tracked:
+        if c.outputs or id(c) in outputs:
+            alive.append(c)
+            continue
+        loaded = vars(c).pop("_onnxrep_lazy", None)
+        if loaded is not None and c._values is loaded[1]:
+            c._values = loaded[0]  # still readable: the input's own tensor
+        elif isinstance(c._values, np.ndarray):
+            c._values = LazyValues(_stub(c.name, dtype_to_onnx(c._values.dtype), c._values.shape, RELEASED))
+    graph._onnxrep_weights = alive
+
+
+def preload(graph: gs.Graph, arrays: dict[str, np.ndarray]) -> None:
+    """Give the graph's lazily imported weights values already read (by name), as `const` would
+    have read them; tracked like those, so release_dead/release_loaded drop them the same way.
+    Empties `arrays`: the graph owns them now, and a caller's reference would keep them all alive."""
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and t.name in arrays:
+            arr = arrays.pop(t.name)
+            if arr.shape != tuple(t._values.shape) or arr.dtype != t._values.dtype or arr.flags.writeable:
+                continue
+            t._onnxrep_lazy = (t._values, arr)
+            t._values = arr
+            if arr.nbytes >= PAYLOAD_MIN:
+                _track(graph, t)
+    arrays.clear()
 
 
 def release_loaded(graph: gs.Graph) -> None:
@@ -131,8 +195,12 @@ def _stub(name: str, data_type: int, dims, index: int) -> onnx.TensorProto:
     t = onnx.TensorProto(name=name, data_type=data_type, dims=[int(d) for d in dims])
     t.data_location = onnx.TensorProto.EXTERNAL
     t.external_data.add(key="location", value=STRIPPED)
-    t.external_data.add(key="offset", value=str(index))
+    t.external_data.add(key="offset", value=str(index) if index >= 0 else "released")
     return t
+
+
+def _released(name: str):
+    return OnnxrepError(f"internal error: weight '{name}' is read after the graph stopped using it")
 
 
 def export_skeleton(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[str, str] | None = None):
@@ -185,6 +253,8 @@ def fill_payloads(model: onnx.ModelProto, payloads: list, graph: gs.Graph | None
         src = payloads[i]
         name = dst.name
         if isinstance(src, onnx.TensorProto):
+            if stub_index(src) is not None:
+                raise _released(name)
             dst.CopyFrom(src)
             dst.name = name
             continue
@@ -258,6 +328,8 @@ def const(t: gs.Tensor | None) -> np.ndarray | None:
         if isinstance(v, LazyValues) and not isinstance(v, SparseValues):
             arr = load_values(v)
             t._values = arr
+            if _ACTIVE and arr.nbytes >= PAYLOAD_MIN:
+                _track(_ACTIVE[-1], t)
             t._onnxrep_lazy = (v, arr)
             return arr
         arr = np.asarray(t.values).view()
@@ -366,7 +438,10 @@ def bypass(node: gs.Node, keep_input: gs.Tensor, graph: gs.Graph) -> None:
 
 def new_constant(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
     name = _unique(graph, hint)
-    return gs.Constant(name, np.ascontiguousarray(values))
+    c = gs.Constant(name, np.ascontiguousarray(values))
+    if c._values.nbytes >= PAYLOAD_MIN:
+        _track(graph, c)
+    return c
 
 
 def new_variable(graph: gs.Graph, hint: str, dtype=None, shape=None) -> gs.Variable:

@@ -202,6 +202,7 @@ def without_payload(model: onnx.ModelProto, min_bytes: int = 1024, validate: boo
     _copy_fields(light, model, skip=("graph",))
     if model.HasField("graph"):
         graph(light.graph, model.graph)
+    tensor = graph = node = None  # noqa: F841  break the closures' cycle: it would keep on_stub's data alive
     return light
 
 
@@ -280,6 +281,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
     parent = out.parent if str(out.parent) else Path(".")
     if external is None:
         external = _payload_bytes(model) > EXTERNAL_THRESHOLD
+    elif not external and _payload_bytes(model) >= PROTOBUF_LIMIT:
+        raise OutputError(f"cannot write {out} without external data: its weights exceed the 2 GB a "
+                          "single protobuf can hold (use --external-data auto or yes)")
     data_name = out.name + ".data"
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".onnxrep-", dir=parent))

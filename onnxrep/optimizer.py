@@ -164,8 +164,13 @@ class Rewritten:
         return G.fill_payloads(self.skeleton, self.payloads, self.graph)
 
 
-def rewrite_graph(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> Rewritten:
+def rewrite_graph(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options,
+                  loaded: dict | None = None) -> Rewritten:
+    """`loaded`: arrays already read out of `model` (by the verification's reference run), which
+    the rules then use instead of reading the weights a second time."""
     template, graph = prepare(model, options.input_shapes)
+    if loaded:
+        G.preload(graph, loaded)
     ctx = E.Context(graph, options)
     E.run(graph, rules, ctx)
     G.tidy(graph)
@@ -199,7 +204,12 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
     selected = E.select_rules(rules, skip, enable)
     options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
     before = stats.summarize(model, file_bytes)
-    rewritten = rewrite_graph(model, selected, options)
+    loaded = None
+    if verify:  # the reference run first: while it holds a copy of the weights, nothing else does;
+        # the rules then take those arrays over, and release each as they replace it
+        feeds, reference, loaded = _reference(model, options, seed)
+    rewritten = rewrite_graph(model, selected, options, loaded)
+    loaded = None
     ctx = rewritten.ctx
     try:
         run_checker(rewritten.skeleton, full_check=True)
@@ -208,7 +218,7 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
 
     verification = None
     if verify:  # before the payloads move into the model: ORT reads the graph's arrays, no copy
-        verification = _verify(model, rewritten, ctx, selected, options, rtol, atol, seed)
+        verification = _verify(model, rewritten, ctx, selected, options, rtol, atol, feeds, reference)
     after = stats.summarize(rewritten.skeleton)
     out = rewritten.model()
     report = Report(
@@ -225,12 +235,18 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
     return (out, report) if return_report else out
 
 
-def _verify(model, rewritten: Rewritten, ctx, selected, options, rtol, atol, seed) -> dict:
+def _reference(model, options, seed) -> tuple[dict, dict, dict]:
     feeds = V.random_inputs(V.input_specs(model, options.input_shapes), seed)
     try:
-        reference = V.run(model, feeds)
+        light, weights = V.split_weights(model)
+        return feeds, V.run(light, feeds, weights), weights
     except Exception as e:
         raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def _verify(model, rewritten: Rewritten, ctx, selected, options, rtol, atol, feeds, reference) -> dict:
+    if rtol is None:  # by the precision the model computes in, not only its outputs' dtype
+        rtol = V.model_rtol(model)
     try:
         got = V.run(rewritten.skeleton, feeds, weights=rewritten.weights())
         result = V.VerifyResult(V.compare(reference, got, rtol, atol),

@@ -43,6 +43,11 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Static shapes of every tensor, by shape inference on a payload-free copy (inference
     serializes its input: a model with weights would cost a copy of them, and fail above 2 GB)."""
     light = without_payload(model)
+    inits = {t.name for t in light.graph.initializer}
+    for vi in light.graph.input:  # a symbolic batch dim counts as 1: MACs are then per sample
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:
@@ -60,7 +65,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def macs(model: onnx.ModelProto) -> int | None:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one inference at the
-    model's static shapes; None when shapes are not static."""
+    model's static shapes (a symbolic batch dim counts as 1); None when other dims are symbolic."""
     shapes = _shapes(model)
     total = 0
     for n in model.graph.node:

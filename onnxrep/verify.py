@@ -27,7 +27,28 @@ _NP = {
 MAX_INPUT_BYTES = 4 << 30
 
 # fp32 rounding is ~6e-8 per op; merged kernels reorder sums, deep nets accumulate it.
+# fp16: 2e-3 is about two ulps (2^-10) at the output's largest magnitude.
 DEFAULT_RTOL = {np.float32: 1e-5, np.float64: 1e-9, np.float16: 2e-3}
+_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+           onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.BFLOAT16: np.float16}
+
+
+def model_rtol(model: onnx.ModelProto) -> float:
+    """The default tolerance for a model: that of the least precise float type it computes in
+    (weights, inputs, outputs, intermediate types, Cast targets), so fp32 outputs of a graph that
+    works in fp16 inside get the fp16 tolerance. bf16 counts as fp16 (it is coarser still; pass
+    --rtol for it)."""
+    g = model.graph
+    types = {t.data_type for t in g.initializer}
+    types |= {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output) + list(g.value_info)
+              if vi.type.HasField("tensor_type")}
+    for n in g.node:
+        if n.op_type in ("Cast", "CastLike"):
+            types |= {a.i for a in n.attribute if a.name == "to"}
+        if n.op_type == "Constant":
+            types |= {a.t.data_type for a in n.attribute if a.HasField("t")}
+    rtols = [DEFAULT_RTOL[_FLOATS[t]] for t in types if t in _FLOATS]
+    return max(rtols, default=DEFAULT_RTOL[np.float32])
 
 
 @dataclass
@@ -132,21 +153,27 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights: dict[str,
     the same with optimizations off. `model` may be a payload-free skeleton whose stubs `weights`
     supplies (optimizer.Rewritten); without `weights`, large initializers are read out of `model`."""
     if weights is None:
-        weights = {}
-
-        def take(src, stub):
-            arr = _array_of(src)
-            if arr is None:  # a type numpy cannot hold as is: leave it an initializer
-                stub.CopyFrom(src)
-            else:
-                weights[src.name] = arr
-
-        model = without_payload(model, initializers_only=True, on_stub=take)
+        model, weights = split_weights(model)
     else:
         model = without_payload(model, initializers_only=True)  # a copy: `model` stays as it is
     sess = session(_weights_as_inputs(model, weights))
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, {**feeds, **weights})))
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A payload-free copy of `model` and its large initializers as (read-only) arrays, each read
+    out of the proto once."""
+    weights = {}
+
+    def take(src, stub):
+        arr = _array_of(src)
+        if arr is None:  # a type numpy cannot hold as is: leave it an initializer
+            stub.CopyFrom(src)
+        else:
+            weights[src.name] = arr
+
+    return without_payload(model, initializers_only=True, on_stub=take), weights
 
 
 def _array_of(t: onnx.TensorProto) -> np.ndarray | None:
