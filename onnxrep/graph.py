@@ -324,6 +324,9 @@ def const(t: gs.Tensor | None) -> np.ndarray | None:
     """The value of a tensor if it is constant, else None. Read-only: a weight is never changed in
     place (release_loaded relies on that), rules build new arrays."""
     if isinstance(t, gs.Constant):
+        precise = t.__dict__.get("_onnxrep_precise")
+        if precise is not None:  # a rule computed this half-precision weight: use its exact value
+            return precise
         v = t._values
         if isinstance(v, LazyValues) and not isinstance(v, SparseValues):
             arr = load_values(v)
@@ -386,6 +389,33 @@ def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)
 
 
+def channels(t: gs.Tensor) -> int | None:
+    """Size of axis 1 when it is known, whatever the other dims are."""
+    shape = t.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], (int, np.integer)) or shape[1] < 0:
+        return None
+    return int(shape[1])
+
+
+def spatial_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+    """Axes 2.. when all are known: enough for padding arithmetic on a dynamic-batch tensor."""
+    shape = t.shape
+    if shape is None or len(shape) < 2:
+        return None
+    sp = shape[2:]
+    if any(not isinstance(d, (int, np.integer)) or d < 0 for d in sp):
+        return None
+    return tuple(int(d) for d in sp)
+
+
+def same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Provably equal shapes: equal known dims, and symbolic dims with the same name."""
+    sa, sb = a.shape, b.shape
+    if sa is None or sb is None or len(sa) != len(sb):
+        return False
+    return all(x == y and x is not None and not (isinstance(x, str) and not x) for x, y in zip(sa, sb))
+
+
 def dtype_of(t: gs.Tensor) -> np.dtype | None:
     if isinstance(t, gs.Constant):  # from the tensor's type: reading the values would load them
         try:
@@ -442,6 +472,22 @@ def new_constant(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
     if c._values.nbytes >= PAYLOAD_MIN:
         _track(graph, c)
     return c
+
+
+def new_weight(graph: gs.Graph, hint: str, values: np.ndarray, dtype) -> gs.Constant:
+    """A weight a rule computed (in float64), stored in the model's dtype.
+
+    For half-precision models the value is also kept in float32 on the tensor, so a later rule
+    that rewrites this weight again starts from it, not from the rounded copy: a chain of rewrites
+    rounds to fp16 once (float32 carries 13 more bits than fp16, so its own rounding never shows)."""
+    dtype = np.dtype(dtype)
+    values = np.asarray(values)
+    t = new_constant(graph, hint, values.astype(dtype))
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize < 4:
+        precise = values.astype(np.float32)
+        precise.flags.writeable = False
+        t._onnxrep_precise = precise
+    return t
 
 
 def new_variable(graph: gs.Graph, hint: str, dtype=None, shape=None) -> gs.Variable:

@@ -479,11 +479,6 @@ def sparsest_group(spec: ConvSpec) -> ConvSpec:
     return spec
 
 
-def cast(spec: ConvSpec, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Weight and bias in the model's dtype, rounded once."""
-    return spec.weight.astype(dtype), spec.bias.astype(dtype)
-
-
 # -- a conv on a fixed input size as a matrix ----------------------------------------------------
 def conv_as_matrix(spec: ConvSpec, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The conv applied to inputs of spatial shape `in_shape` as one dense affine map of the

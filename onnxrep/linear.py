@@ -163,10 +163,12 @@ def _conv(node: gs.Node) -> LinearOp | Decline:
     auto = node.attrs.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        shape = G.static_shape(x)
-        if shape is None:
-            return Decline(f"Conv auto_pad={auto} needs a static input shape (use --input-shape)")
-        pads = same_pads(shape[2:], w.shape[2:], strides, dil, upper=auto == "SAME_UPPER")
+        spatial = G.spatial_shape(x)
+        if spatial is None and all(st == 1 for st in strides):
+            spatial = (1,) * r  # at stride 1 SAME pads total (k-1)·d whatever the size
+        if spatial is None:
+            return Decline(f"strided Conv auto_pad={auto} needs static spatial dims (use --input-shape)")
+        pads = same_pads(spatial, w.shape[2:], strides, dil, upper=auto == "SAME_UPPER")
     elif auto == "VALID":
         pads = (0,) * (2 * r)
     spec = K.ConvSpec(w, b, strides=strides, pads=tuple(pads or (0,) * (2 * r)), dilations=dil,
@@ -221,9 +223,9 @@ def _matmul(node: gs.Node) -> LinearOp | Decline:
 def avgpool_of(node: gs.Node) -> LinearOp | Decline:
     x = node.inputs[0]
     r = G.rank(x)
-    shape = G.static_shape(x)
-    if r is None or shape is None:
-        return Decline("AveragePool input shape is unknown")
+    c = G.channels(x)
+    if r is None or c is None:
+        return Decline("AveragePool input rank or channel count is unknown")
     k = tuple(node.attrs["kernel_shape"])
     rr = len(k)
     pads = tuple(node.attrs.get("pads") or (0,) * (2 * rr))
@@ -238,12 +240,15 @@ def avgpool_of(node: gs.Node) -> LinearOp | Decline:
         return Decline("dilated AveragePool")
     if any(pads) and not int(node.attrs.get("count_include_pad", 0)):
         return Decline("AveragePool with padding and count_include_pad=0 divides border pixels by fewer taps")
-    spec = K.avgpool(shape[1], k, strides, pads)
+    spec = K.avgpool(c, k, strides, pads)
     if int(node.attrs.get("ceil_mode", 0)):
-        floor_out = spec.output_shape(shape[2:])
+        spatial = G.spatial_shape(x)
+        if spatial is None:
+            return Decline("AveragePool ceil_mode=1 with dynamic spatial dims may change the output size")
+        floor_out = spec.output_shape(spatial)
         ceil_out = tuple(
             -(-(h + pb + pe - kk) // s) + 1
-            for h, pb, pe, kk, s in zip(shape[2:], pads[:rr], pads[rr:], k, strides)
+            for h, pb, pe, kk, s in zip(spatial, pads[:rr], pads[rr:], k, strides)
         )
         if floor_out != ceil_out:
             return Decline("AveragePool ceil_mode=1 changes the output size")
@@ -258,9 +263,9 @@ def pad_of(node: gs.Node) -> LinearOp | Decline:
     if mode != "constant":
         return Decline(f"Pad mode {mode}")
     r = G.rank(x)
-    shape = G.static_shape(x)
-    if r is None or r < 3 or shape is None:
-        return Decline("Pad input rank or shape unknown")
+    c = G.channels(x)
+    if r is None or r < 3 or c is None:
+        return Decline("Pad input rank or channel count unknown")
     if len(node.inputs) > 1:
         pads = G.const(node.inputs[1])
         if pads is None:
@@ -292,7 +297,6 @@ def pad_of(node: gs.Node) -> LinearOp | Decline:
     if pads[0] or pads[1] or pads[r] or pads[r + 1]:
         return Decline("Pad on batch or channel axis")
     sp = tuple(pads[2:r]) + tuple(pads[r + 2 :])
-    c = shape[1]
     ident = K.identity(c, r - 2)
     return LinearOp(K.ConvSpec(ident.weight, ident.bias, pads=sp, group=c), x)
 
@@ -303,9 +307,8 @@ def make_conv(graph: gs.Graph, spec: K.ConvSpec, x: gs.Tensor, out: gs.Tensor, d
     `name` is used as given: callers pass the name of a node they are replacing."""
     if spec.rank == 0 and spec.group != 1:
         spec = K.regroup(spec, 1)  # Gemm has no groups
-    w, b = K.cast(spec, dtype)
-    wt = G.new_constant(graph, f"{name}.weight", w)
-    bt = G.new_constant(graph, f"{name}.bias", b)
+    wt = G.new_weight(graph, f"{name}.weight", spec.weight, dtype)
+    bt = G.new_weight(graph, f"{name}.bias", spec.bias, dtype)
     if spec.rank == 0:
         node = gs.Node("Gemm", name, {"transB": 1}, [x, wt, bt], [out])
     else:

@@ -89,16 +89,16 @@ class RemoveDeadChannels(Rule):
         keep = ~m.dead
         conv = m.conv
         w, b = G.const(conv.inputs[1]), _bias(conv)
-        conv.inputs[1] = G.new_constant(ctx.graph, f"{conv.name}.weight_pruned", w[keep])
+        conv.inputs[1] = G.new_weight(ctx.graph, f"{conv.name}.weight_pruned", w[keep], G.dtype_of(conv.inputs[1]))
         if len(conv.inputs) > 2 and conv.inputs[2].name:
-            conv.inputs[2] = G.new_constant(ctx.graph, f"{conv.name}.bias_pruned", b[keep])
+            conv.inputs[2] = G.new_weight(ctx.graph, f"{conv.name}.bias_pruned", b[keep], G.dtype_of(conv.inputs[2]))
         for node in [conv] + m.passthrough:
             shape = node.outputs[0].shape
             if shape is not None and len(shape) > 1:
                 node.outputs[0].shape = [shape[0], int(keep.sum())] + list(shape[2:])
         for reader in m.readers:
             rw = G.const(reader.inputs[1])
-            reader.inputs[1] = G.new_constant(ctx.graph, f"{reader.name}.weight_pruned", rw[:, keep])
+            reader.inputs[1] = G.new_weight(ctx.graph, f"{reader.name}.weight_pruned", rw[:, keep], G.dtype_of(reader.inputs[1]))
         names = [conv.name] + [r.name for r in m.readers]
         return Rewrite("", names, names, f"{int(m.dead.sum())} of {len(keep)} channels")
 

@@ -47,57 +47,63 @@ class FuseConvBn(Rule):
         reason = G.fan_out_reason(ctx.graph, t)
         if reason:
             return reason
-        if up.op == "ConvTranspose":
-            return _check_transposed(up)
-        lin = L.conv_of(up)
-        if not lin:
-            return lin.reason
         for w in up.inputs[1:]:
             r = G.shared_constant_reason(w)
             if r:
                 return r
-        cout = lin.spec.cout
+        if up.op in KEEPS_GEOMETRY:
+            if G.const(up.inputs[1]) is None:
+                return f"{up.op} weight is not constant"
+            if len(up.inputs) > 2 and up.inputs[2].name and G.const(up.inputs[2]) is None:
+                return f"{up.op} bias is not constant"
+            cout = _out_channels(up)
+        else:
+            lin = L.conv_of(up)
+            if not lin:
+                return lin.reason
+            cout = lin.spec.cout
         if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
-            return f"affine has {max(aff.scale.size, aff.shift.size)} channels, conv makes {cout}"
+            return f"affine has {max(aff.scale.size, aff.shift.size)} channels, {up.op} makes {cout}"
         return None
 
     def rewrite(self, match, ctx):
         node, up, t = match
         aff = L.affine_of(node)
         dtype = L.data_dtype(up.inputs[1])
-        if up.op == "ConvTranspose":
-            return _rewrite_transposed(ctx, node, up, aff, dtype)
+        if up.op in KEEPS_GEOMETRY:
+            return _rescale_in_place(ctx, node, up, aff, dtype)
         lin = L.conv_of(up)
         a, c = aff.broadcast(lin.spec.cout)
         spec = K.affine_after(lin.spec, a, c)
         return L.replace_with_conv(ctx.graph, spec, lin.x, node.outputs[0], [up, node], dtype, node.op)
 
 
-def _check_transposed(up: gs.Node) -> str | None:
-    if G.const(up.inputs[1]) is None:
-        return "ConvTranspose weight is not constant"
-    if len(up.inputs) > 2 and up.inputs[2].name and G.const(up.inputs[2]) is None:
-        return "ConvTranspose bias is not constant"
-    for w in up.inputs[1:]:
-        r = G.shared_constant_reason(w)
-        if r:
-            return r
-    return None
+# Conv and ConvTranspose keep every attribute (pads, auto_pad, output_padding, ...): only their
+# output channels are scaled, so their geometry never needs to be known.
+KEEPS_GEOMETRY = ("Conv", "ConvTranspose")
 
 
-def _rewrite_transposed(ctx, node, up, aff, dtype):
+def _out_channels(up: gs.Node) -> int:
+    w = G.const(up.inputs[1])
+    return w.shape[0] if up.op == "Conv" else w.shape[1] * int(up.attrs.get("group", 1))
+
+
+def _rescale_in_place(ctx, node, up, aff, dtype):
     w = G.const(up.inputs[1])
     b = G.const(up.inputs[2]) if len(up.inputs) > 2 and up.inputs[2].name else None
     group = int(up.attrs.get("group", 1))
-    cout = w.shape[1] * group
-    a, c = aff.broadcast(cout)
-    w2, b2 = K.affine_after_transposed(w, b, group, a, c)
+    a, c = aff.broadcast(_out_channels(up))
+    if up.op == "Conv":
+        scaled = K.affine_after(K.ConvSpec(w, b, group=group), a, c)
+        w2, b2 = scaled.weight, scaled.bias
+    else:
+        w2, b2 = K.affine_after_transposed(w, b, group, a, c)
     names = [up.name, node.name]
     x, out, attrs, name = up.inputs[0], node.outputs[0], dict(up.attrs), up.name
     G.remove_node(up)
     G.remove_node(node)
-    wt = G.new_constant(ctx.graph, f"{name}.weight", w2.astype(dtype))
-    bt = G.new_constant(ctx.graph, f"{name}.bias", b2.astype(dtype))
-    new = gs.Node("ConvTranspose", name, attrs, [x, wt, bt], [out])
+    wt = G.new_weight(ctx.graph, f"{name}.weight", w2, dtype)
+    bt = G.new_weight(ctx.graph, f"{name}.bias", b2, dtype)
+    new = gs.Node(up.op, name, attrs, [x, wt, bt], [out])
     ctx.graph.nodes.append(new)
     return Rewrite("", names, [name], node.op)

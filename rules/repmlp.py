@@ -100,8 +100,8 @@ class FoldConvIntoFc(Rule):
         dtype = L.data_dtype(m.fc.inputs[1])
         fc = m.fc
         transposed = fc.op == "Gemm" and int(fc.attrs.get("transB", 0))
-        fc.inputs[1] = G.new_constant(graph, f"{fc.name}.weight", (w if transposed else w.T).astype(dtype))
-        bias = G.new_constant(graph, f"{fc.name}.bias", b.astype(dtype))
+        fc.inputs[1] = G.new_weight(graph, f"{fc.name}.weight", w if transposed else w.T, dtype)
+        bias = G.new_weight(graph, f"{fc.name}.bias", b, dtype)
         if m.bias_add is not None:
             i = [k for k, t in enumerate(m.bias_add.inputs) if t is not m.fc.outputs[0]][0]
             m.bias_add.inputs[i] = bias

@@ -104,15 +104,15 @@ class RmResidual(Rule):
             r = G.fan_out_reason(ctx.graph, b.shortcut.outputs[0])
             if r:
                 return r
-        if b.x.shape is None or G.static_shape(b.add.outputs[0]) is None:
-            return "shapes are not static"
+        if G.channels(b.x) is None:
+            return "block input channel count is unknown"
         for t in b.add.inputs:
-            if G.static_shape(t) != G.static_shape(b.add.outputs[0]):
-                return "the Add broadcasts"
+            if not G.same_shape(t, b.add.outputs[0]):
+                return "cannot prove the Add's inputs have its output shape (it may broadcast)"
         return None
 
     def rewrite(self, b: Block, ctx):
-        cin = int(b.x.shape[1])
+        cin = G.channels(b.x)
         graph = ctx.graph
         specs = [L.conv_of(c).spec for c in b.convs]
         names = [c.name for c in b.convs] + [b.add.name] + ([b.shortcut.name] if b.shortcut else [])
@@ -141,8 +141,8 @@ class RmResidual(Rule):
                     w[(slice(None), slice(carried_in, carried_in + cin)) + tap] += sc.weight.reshape(cout, cin)
                     bias = bias + sc.bias
             dtype = L.data_dtype(c.inputs[1])
-            c.inputs[1] = G.new_constant(graph, f"{c.name}.weight_rm", w.astype(dtype))
-            bt = G.new_constant(graph, f"{c.name}.bias_rm", bias.astype(dtype))
+            c.inputs[1] = G.new_weight(graph, f"{c.name}.weight_rm", w, dtype)
+            bt = G.new_weight(graph, f"{c.name}.bias_rm", bias, dtype)
             if len(c.inputs) > 2:
                 c.inputs[2] = bt
             else:

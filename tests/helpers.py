@@ -25,8 +25,10 @@ import onnxrep
 
 RTOL = 1e-5
 _ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
+         np.dtype(np.float16): TensorProto.FLOAT16,
          np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.INT64: np.int64,
+       TensorProto.FLOAT16: np.float16,
        TensorProto.BOOL: np.bool_}
 
 

@@ -34,15 +34,6 @@ PINNED = [2, C, 8, 8]  # --input-shape for the dynamic cases
 # relative tolerance, of the output's max |value|, by the precision the graph computes in
 RTOL = {"fp32": 1e-5, "fp16": 2e-3, "mixed": 2e-3}
 
-MISSED_SAME = ("MISSED: linear.conv_of declines Conv auto_pad=SAME_* unless G.static_shape(x) knows every dim, "
-               "the batch too, though SAME pads depend on the spatial dims only (and for stride 1 on none: "
-               "(k-1)/2); so fuse_conv_bn (exact for any pads: it acts on outputs) and merge_linear_regions "
-               "keep every BN of a dynamic-batch model. Works with --input-shape.")
-MISSED_PAD = ("MISSED: linear.pad_of declines a Pad unless G.static_shape(x) knows every dim ('Pad input rank "
-              "or shape unknown'), though it needs only the rank and the channel count; with a dynamic batch "
-              "or spatial dim the Pad→Conv branch stays unmerged. Works with --input-shape.")
-
-
 # -- builders ------------------------------------------------------------------------------------
 class Builder:
     def __init__(self, opset: int, dtype: str, seed: int = 0):
@@ -213,22 +204,11 @@ def _dim_cases():
             yield dims, pinned
 
 
-def _xfail(kind, auto_pad, dims, pinned):
-    if dims != "static" and not pinned:
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            return MISSED_SAME
-        if auto_pad == "VALID" and kind == "repvgg":
-            return MISSED_PAD
-    return None
-
-
 def _params(kind, dtypes):
     for dtype in dtypes:
         for auto_pad in AUTO_PADS:
             for dims, pinned in _dim_cases():
-                reason = _xfail(kind, auto_pad, dims, pinned)
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-                yield pytest.param(dtype, auto_pad, dims, pinned, marks=marks,
+                yield pytest.param(dtype, auto_pad, dims, pinned,
                                    id=f"{dtype}-{auto_pad}-{dims}{'-pinned' if pinned else ''}")
 
 
