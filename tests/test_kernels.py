@@ -250,14 +250,6 @@ def test_is_pointwise():
     assert not ConvSpec(np.ones((2, 2, 1, 3)), None).is_pointwise()
 
 
-def test_cast():
-    """cast rounds weight and bias once to the requested dtype."""
-    spec = ConvSpec(np.full((2, 1, 1, 1), 1 / 3), np.full(2, 2 / 3))
-    w, b = K.cast(spec, np.float32)
-    assert w.dtype == np.float32 and b.dtype == np.float32
-    assert w[0, 0, 0, 0] == np.float32(1 / 3) and b[1] == np.float32(2 / 3)
-
-
 # -- constructors --------------------------------------------------------------------------------
 @pytest.mark.parametrize("rank", [0, 1, 2, 3])
 @pytest.mark.parametrize("group", [None, 1, 2, 4, 8])
