@@ -301,7 +301,8 @@ def add(specs: list[ConvSpec]) -> ConvSpec:
     b = np.zeros(specs[0].cout)
     for s, off in zip(specs, offsets):
         s = regroup(s, g)
-        w += pad_kernel(s.weight, kernel, off)
+        # accumulate into the term's window in place: no full-size padded copy per term
+        w[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(off, s.kernel_shape))] += s.weight
         b += s.bias
     return ConvSpec(w, b, strides=specs[0].strides, pads=pb + pe, dilations=dil, group=g)
 
@@ -467,7 +468,11 @@ def sparsest_group(spec: ConvSpec) -> ConvSpec:
     if spec.group != 1 or spec.rank == 0:
         return spec
     g_max = math.gcd(cout, cin)
-    nz = np.abs(spec.weight).reshape(cout, cin, -1).max(axis=2) != 0
+    if g_max == 1:
+        return spec
+    nz = np.any(spec.weight.reshape(cout, cin, -1) != 0, axis=2)
+    if nz.all():  # the common case, a dense kernel: nothing to find
+        return spec
     for g in sorted((d for d in range(2, g_max + 1) if g_max % d == 0), reverse=True):
         og, ig = cout // g, cin // g
         blocks = np.zeros_like(nz)
