@@ -175,11 +175,11 @@ class Walker:
 
     def _select(self, node, t, depth) -> Form:
         x = node.inputs[0]
-        shape = G.static_shape(x)
-        if shape is None or len(shape) < 2:
-            raise NotLinear(f"{node.op} input shape unknown")
+        c = G.channels(x)
+        if c is None:
+            raise NotLinear(f"{node.op} input channel count unknown")
+        shape = x.shape  # only its rank and channel count are used: the batch may be dynamic
         lo, hi = _channel_range(node, t, shape)
-        c = shape[1]
         r = len(shape) - 2
         w = np.zeros((hi - lo, c) + (1,) * r)
         for i in range(hi - lo):

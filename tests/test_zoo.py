@@ -109,3 +109,20 @@ def test_second_run_changes_nothing(exports):
     twice, report = onnxrep.optimize(once, return_report=True)
     assert report.rule_counts == {}
     assert [n.op_type for n in twice.graph.node] == [n.op_type for n in once.graph.node]
+
+
+@pytest.mark.parametrize("name", ["split_concat", "dbb_subpadadd", "repvgg", "repmlp"])
+def test_dynamic_batch_reaches_deploy_form(tmp_path, name):
+    """With a symbolic batch the model still reaches its deploy form, and the batch stays symbolic."""
+    import onnxrep
+
+    entry = ZOO[name]
+    path = export_onnx(entry.build(), entry.input_shape, tmp_path / "train.onnx", "legacy-nofold", dynamic_batch=True)
+    out, report = onnxrep.optimize(str(path), return_report=True)
+    assert check_deploy_ops(entry.deploy_ops, report.after["ops"]) == []
+    dim = out.graph.input[0].type.tensor_type.shape.dim[0]
+    assert not dim.HasField("dim_value") and dim.dim_param
+    x = np.random.default_rng(0).standard_normal((3,) + tuple(entry.input_shape[1:])).astype(np.float32)
+    ref = V.run(onnx.load(str(path)), {"input": x})["output"]
+    got = V.run(out, {"input": x})["output"]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
