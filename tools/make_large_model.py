@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     info = make_model(a.out, a.channels, a.blocks, a.hw, a.dtype, a.size_mb, a.seed, a.opset)
     print(f"wrote {info['path']} + {Path(info['data']).name}: {info['blocks']} blocks × {info['channels']} channels "
           f"({info['dtype']}), {info['file_bytes'] / 2**20:.1f} MiB in {info['seconds']:.1f} s")
