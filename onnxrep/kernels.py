@@ -240,9 +240,12 @@ def regroup(spec: ConvSpec, group: int) -> ConvSpec:
 
 
 # -- parallel: sum and concat --------------------------------------------------------------------
-def _common_geometry(specs: list[ConvSpec]):
+def _common_geometry(specs: list[ConvSpec], spatial: tuple[int, ...] | None = None):
     """Stride, dilation, merged kernel shape, begin pads, end pads and per-spec offsets for convs
-    that read the same input and produce the same output grid; NotMergeable otherwise."""
+    that read the same input and produce the same output grid; NotMergeable otherwise.
+
+    Terms whose padding does not nest produce different output sizes for most input sizes; when
+    the input's `spatial` size is known and they agree on it, the merge is exact for that size."""
     r = specs[0].rank
     if any(s.rank != r for s in specs):
         raise NotMergeable("terms have different spatial rank")
@@ -263,16 +266,34 @@ def _common_geometry(specs: list[ConvSpec]):
     for a in range(r):
         if any((pb[a] - s.pads_begin[a]) % unit[a] for s in specs):
             specs = [densify(s) for s in specs]
-            return _common_geometry(specs)
-    c = {tuple(s.pads_begin[a] + s.pads_end[a] - s.extent[a] for a in range(r)) for s in specs}
-    if len(c) > 1:
-        raise NotMergeable("terms produce different output sizes (padding does not nest)")
-    (c,) = c
+            return _common_geometry(specs, spatial)
     ext = [max(s.extent[a] - s.pads_begin[a] for s in specs) + pb[a] for a in range(r)]
     kernel = tuple((e - 1) // unit[a] + 1 for a, e in enumerate(ext))
-    pe = tuple(c[a] + ext[a] - pb[a] for a in range(r))
+    c = {tuple(s.pads_begin[a] + s.pads_end[a] - s.extent[a] for a in range(r)) for s in specs}
+    if len(c) == 1:
+        (c,) = c
+        pe = tuple(c[a] + ext[a] - pb[a] for a in range(r))
+    else:
+        pe = _end_pads_for_size(specs, spatial, ext, pb)
     offsets = [tuple((pb[a] - s.pads_begin[a]) // unit[a] for a in range(r)) for s in specs]
     return specs, kernel, tuple(pb), pe, offsets, dil
+
+
+def _end_pads_for_size(specs, spatial, ext, pb) -> tuple[int, ...]:
+    """End pads giving the merged window the terms' common output size on a known input size."""
+    outs = {s.output_shape(spatial) for s in specs} if spatial is not None else set()
+    if len(outs) != 1:
+        raise NotMergeable("terms produce different output sizes (padding does not nest)")
+    (out,) = outs
+    stride = specs[0].strides
+    pe = []
+    for a, (h, o, e, b, st) in enumerate(zip(spatial, out, ext, pb, stride)):
+        need = (o - 1) * st + e - h - b  # smallest end pad that still yields o outputs
+        p = max(need, 0)
+        if (h + b + p - e) // st + 1 != o:
+            raise NotMergeable("terms' windows cannot share one output grid")
+        pe.append(p)
+    return tuple(pe)
 
 
 def _adopt_dilation(spec: ConvSpec, specs: list[ConvSpec]) -> ConvSpec:
@@ -285,7 +306,7 @@ def _adopt_dilation(spec: ConvSpec, specs: list[ConvSpec]) -> ConvSpec:
     return spec if tuple(dil) == spec.dilations else replace(spec, dilations=tuple(dil))
 
 
-def add(specs: list[ConvSpec]) -> ConvSpec:
+def add(specs: list[ConvSpec], spatial: tuple[int, ...] | None = None) -> ConvSpec:
     """Sum of convs on the same input: embed each kernel at its offset in the largest window, bring
     all to the coarsest common group, add kernels and biases.
 
@@ -293,7 +314,7 @@ def add(specs: list[ConvSpec]) -> ConvSpec:
     """
     if not specs:
         raise ValueError("add() needs at least one term")
-    specs, kernel, pb, pe, offsets, dil = _common_geometry(list(specs))
+    specs, kernel, pb, pe, offsets, dil = _common_geometry(list(specs), spatial)
     if len({s.cout for s in specs}) > 1:
         raise NotMergeable("terms have different output channel counts")
     g = reduce(math.gcd, (s.group for s in specs))

@@ -146,7 +146,7 @@ class Walker:
             raise NotLinear(f"terms of the sum read different tensors ({names})")
         specs = [f.spec if sign > 0 else K.affine_after(f.spec, -1.0, 0.0) for f, sign in terms]
         try:
-            spec = K.add(specs)
+            spec = K.add(specs, G.spatial_shape(terms[0][0].source))
         except K.NotMergeable as e:
             raise NotLinear(str(e)) from e
         return Form(terms[0][0].source, spec, _union([f.nodes for f, _ in terms]) + [node])

@@ -861,3 +861,16 @@ def test_sparsest_group_keeps_dense_and_grouped(rng):
     assert K.sparsest_group(grouped) is grouped
     fc = ConvSpec(np.eye(4), None)
     assert K.sparsest_group(fc) is fc
+
+
+def test_add_on_known_size_when_padding_does_not_nest(rng):
+    """2×2 s2 p0 + 1×1 s2 p0 agree on 4×4 outputs for an 8×8 input: exact for that size only."""
+    a = ConvSpec(rng.standard_normal((3, 2, 2, 2)), rng.standard_normal(3), strides=(2, 2))
+    b = ConvSpec(rng.standard_normal((3, 2, 1, 1)), rng.standard_normal(3), strides=(2, 2))
+    with pytest.raises(K.NotMergeable):
+        K.add([a, b])  # without a size: the output sizes differ for odd inputs
+    m = K.add([a, b], spatial=(8, 8))
+    x = torch.from_numpy(rng.standard_normal((1, 2, 8, 8)))
+    assert_close(run(m, x), run(a, x) + run(b, x), "2x2 s2 + 1x1 s2 on 8x8")
+    with pytest.raises(K.NotMergeable):
+        K.add([a, b], spatial=(9, 9))  # 4×4 vs 5×5
