@@ -108,3 +108,17 @@ def test_registry_rules_are_documented():
         assert r.name and r.description
         doc = sys.modules[type(r).__module__].__doc__ or ""
         assert r.name in doc and ("⇒" in doc or "→" in doc), r.name
+
+
+def test_model_identity_is_kept():
+    """Opsets, IR version, producer, metadata and graph input/output names and dtypes survive."""
+    model = _model()
+    onnx.helper.set_model_props(model, {"author": "tests", "license": "MIT"})
+    model.producer_name, model.model_version, model.doc_string = "trainer", 7, "a doc"
+    out = onnxrep.optimize(model)
+    assert list(out.opset_import) == list(model.opset_import)
+    assert out.ir_version == model.ir_version
+    assert (out.producer_name, out.model_version, out.doc_string) == ("trainer", 7, "a doc")
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "tests", "license": "MIT"}
+    for a, b in ((out.graph.input, model.graph.input), (out.graph.output, model.graph.output)):
+        assert [(v.name, v.type.tensor_type.elem_type) for v in a] == [(v.name, v.type.tensor_type.elem_type) for v in b]
