@@ -165,10 +165,14 @@ class Rewritten:
 
 
 def rewrite_graph(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options,
-                  loaded: dict | None = None) -> Rewritten:
+                  loaded: dict | None = None, before: dict | None = None) -> Rewritten:
     """`loaded`: arrays already read out of `model` (by the verification's reference run), which
-    the rules then use instead of reading the weights a second time."""
+    the rules then use instead of reading the weights a second time. `before`: the input's
+    statistics; MACs it could not count (shapes known only after folding) are counted on the
+    folded graph, which computes the same thing."""
     template, graph = prepare(model, options.input_shapes)
+    if before is not None and before.get("macs") is None:
+        before["macs"] = stats.macs(G.export_skeleton(graph, template)[0])
     if loaded:
         G.preload(graph, loaded)
     ctx = E.Context(graph, options)
@@ -208,7 +212,7 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
     if verify:  # the reference run first: while it holds a copy of the weights, nothing else does;
         # the rules then take those arrays over, and release each as they replace it
         feeds, reference, loaded = _reference(model, options, seed)
-    rewritten = rewrite_graph(model, selected, options, loaded)
+    rewritten = rewrite_graph(model, selected, options, loaded, before)
     loaded = None
     ctx = rewritten.ctx
     try:
