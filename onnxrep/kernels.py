@@ -17,7 +17,7 @@ the same positions (up to a kernel offset) iff they agree on stride and their wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import reduce
 from itertools import product
 
@@ -38,8 +38,6 @@ class ConvSpec:
     pads: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
     group: int = 1
-    # True when the bias is known to be exactly zero in the source graph (no bias input).
-    meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -142,7 +140,7 @@ def affine_after(spec: ConvSpec, scale, shift) -> ConvSpec:
     a = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (spec.cout,))
     c = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (spec.cout,))
     w = spec.weight * a.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
-    return replace(spec, weight=w, bias=spec.bias * a + c, meta={})
+    return replace(spec, weight=w, bias=spec.bias * a + c)
 
 
 def fuse_bn_after(spec: ConvSpec, gamma, beta, mean, var, eps: float) -> ConvSpec:
@@ -166,7 +164,7 @@ def affine_before(spec: ConvSpec, scale, shift) -> ConvSpec:
     bshape = in_ch.shape + (1,) * spec.rank
     w = spec.weight * a[in_ch].reshape(bshape)
     b = spec.bias + (spec.weight * c[in_ch].reshape(bshape)).reshape(spec.cout, -1).sum(axis=1)
-    return replace(spec, weight=w, bias=b, meta={})
+    return replace(spec, weight=w, bias=b)
 
 
 def affine_after_transposed(weight: np.ndarray, bias, group: int, scale, shift):
@@ -236,7 +234,7 @@ def regroup(spec: ConvSpec, group: int) -> ConvSpec:
         j1 = o // opg1  # fine group of this output
         start = (j1 * cg1) % cg  # its input slice inside the coarse group
         w[o, start : start + cg1] = spec.weight[o]
-    return replace(spec, weight=w, group=group, meta={})
+    return replace(spec, weight=w, group=group)
 
 
 # -- parallel: sum and concat --------------------------------------------------------------------
@@ -501,7 +499,7 @@ def sparsest_group(spec: ConvSpec) -> ConvSpec:
             blocks[j * og : (j + 1) * og, j * ig : (j + 1) * ig] = True
         if not np.any(nz & ~blocks):
             w = np.stack([spec.weight[j * og : (j + 1) * og, j * ig : (j + 1) * ig] for j in range(g)])
-            return replace(spec, weight=w.reshape((cout, ig) + spec.kernel_shape), group=g, meta={})
+            return replace(spec, weight=w.reshape((cout, ig) + spec.kernel_shape), group=g)
     return spec
 
 
