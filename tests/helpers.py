@@ -248,6 +248,16 @@ def assert_declined(report, rule: str, *words: str) -> None:
         f"no decline of {rule} mentions {words}; reasons: {reasons}"
 
 
+def declined_by(rule: str, model: onnx.ModelProto, *words: str):
+    """Run `rule` alone: the graph must come back untouched, and when `words` are given a decline
+    reason of that rule must mention them all. Returns the report."""
+    out, report = run_rules(model, rule)
+    assert_untouched(model, out, report)
+    if words:
+        assert_declined(report, rule, *words)
+    return report
+
+
 def assert_idempotent(optimized: onnx.ModelProto, *rules: str, **kw) -> None:
     """Optimizing the optimized model again changes nothing."""
     again, report = run_rules(optimized, *rules, **kw)

@@ -2,10 +2,12 @@
 whole border (slice assignment as exported) becomes Sub(c) → Pad(0) → Add(c)."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
-from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent,
-                           assert_untouched, ops, run_rules)
+from tests.helpers import (assert_equivalent, assert_idempotent, assert_untouched, declined_by,
+                           GraphBuilder, ops, run_rules)
 
 RULE = "canonicalize_border_fill"
 N, C, H, W = 1, 4, 6, 7
@@ -156,12 +158,7 @@ def test_dbb_bn_fill_merges_with_default_rules():
 
 
 # -- negative ------------------------------------------------------------------------------------
-def declined(model, *words):
-    out, report = run_rules(model, RULE)
-    assert_untouched(model, out, report)
-    if words:
-        assert_declined(report, RULE, *words)
-    return report
+declined = partial(declined_by, RULE)
 
 
 def test_scatter_writes_interior_declined():

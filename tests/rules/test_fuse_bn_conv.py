@@ -1,11 +1,13 @@
 """fuse_bn_conv: a per-channel affine before an unpadded Conv (or Gemm/MatMul) folds into it."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
-from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent,
-                           assert_untouched, nodes_of, ops, run_rules)
+from tests.helpers import (assert_equivalent, assert_idempotent, declined_by, GraphBuilder,
+                           nodes_of, ops, run_rules)
 
 RULE = "fuse_bn_conv"
 
@@ -138,12 +140,7 @@ def test_mul_broadcasting_channels_before_gemm():
 
 
 # -- negative ------------------------------------------------------------------------------------
-def declined(model, *words):
-    out, report = run_rules(model, RULE)
-    assert_untouched(model, out, report)
-    if words:
-        assert_declined(report, RULE, *words)
-    return report
+declined = partial(declined_by, RULE)
 
 
 def test_bn_before_padded_conv_declined():

@@ -1,10 +1,12 @@
 """fuse_conv_bn: a per-channel affine after Conv/ConvTranspose/Gemm/MatMul folds into it."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
-from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent,
-                           assert_untouched, attr, nodes_of, ops, run_rules)
+from tests.helpers import (assert_equivalent, assert_idempotent, attr, declined_by, GraphBuilder,
+                           nodes_of, ops, run_rules)
 
 RULE = "fuse_conv_bn"
 
@@ -201,12 +203,7 @@ def test_conv_bn_then_mul_chain():
 
 
 # -- negative ------------------------------------------------------------------------------------
-def declined(model, *words):
-    out, report = run_rules(model, RULE)
-    assert_untouched(model, out, report)
-    if words:
-        assert_declined(report, RULE, *words)
-    return report
+declined = partial(declined_by, RULE)
 
 
 def test_shared_weight_declined():

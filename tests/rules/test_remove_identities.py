@@ -1,11 +1,13 @@
 """remove_identities: Identity, inference Dropout, Add/Sub 0, Mul/Div 1 and all-zero Pad are dropped."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
-from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent,
-                           assert_untouched, ops, run_rules)
+from tests.helpers import (assert_equivalent, assert_idempotent, declined_by, GraphBuilder, ops,
+                           run_rules)
 
 RULE = "remove_identities"
 
@@ -127,12 +129,7 @@ def test_identity_on_graph_input_before_conv():
 
 
 # -- negative ------------------------------------------------------------------------------------
-def declined(model, *words):
-    out, report = run_rules(model, RULE)
-    assert_untouched(model, out, report)
-    if words:
-        assert_declined(report, RULE, *words)
-    return report
+declined = partial(declined_by, RULE)
 
 
 def test_zero_minus_x_kept():
