@@ -41,6 +41,7 @@ class Block:
     convs: list  # Conv₁ … Conv_L
     relus: list  # the L−1 inner activations
     shortcut: gs.Node | None  # projection conv, or None for identity
+    why_not: str | None = None  # a residual branch whose shortcut cannot be carried: the reason
 
 
 class RmResidual(Rule):
@@ -64,9 +65,15 @@ class RmResidual(Rule):
             up = G.producer(short)
             if up is not None and up.op == "Conv" and up.inputs[0] is x:
                 return Block(node, x, convs, relus, up)
+            what = "a graph input" if up is None else f"{up.op} '{up.name}'"
+            return Block(node, x, convs, relus, None,
+                         why_not=f"shortcut comes from {what}, neither the block input nor a 1×1 projection of it "
+                                 "(a ResNet-D AvgPool shortcut does not sample the input on the branch's grid)")
         return None
 
     def check(self, b: Block, ctx):
+        if b.why_not:
+            return b.why_not
         reason = _nonnegative_reason(b.x)
         if reason:
             return reason

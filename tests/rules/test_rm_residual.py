@@ -83,6 +83,7 @@ def test_sigmoid_input_declined():
     m = block(source="sigmoid")
     out, report = run_rules(m, RULE)
     assert_untouched(m, out, report)
+    assert_declined(report, RULE, "Sigmoid", "≥ 0")
 
 
 def test_inner_relu6_declined():
@@ -106,6 +107,7 @@ def test_resnet_d_avgpool_shortcut_declined():
     m = block(shortcut="avgpool", stride=2)
     out, report = run_rules(m, RULE)
     assert_untouched(m, out, report)
+    assert_declined(report, RULE, "shortcut", "AvgPool")
 
 
 def test_branch_output_read_elsewhere_declined():
