@@ -130,7 +130,9 @@ class Walker:
         inner = self.operand(lin.x, node, depth)
         if inner.size == 0:
             return Form(inner.source, lin.spec, [node])
-        border = _border_fill(inner, lin)
+        # only a Pad can be a border fill's pad: a conv's own padding after a biased conv must
+        # meet an exactly-zero bias
+        border = _border_fill(inner, lin) if node.op == "Pad" else 0.0
         try:
             spec = K.compose(inner.spec, lin.spec, bias_tol=border)
         except K.NotMergeable as e:

@@ -443,6 +443,13 @@ def test_biased_1x1_then_padded_3x3_untouched():
     declined(b.build(b.relu(b.conv(b.conv(x, 4, 8, 1), 8, 4, 3))))
 
 
+def test_tiny_bias_1x1_then_padded_3x3_untouched():
+    """A 1×1 bias of 1e-9 before a 3×3 pad 1 is still a bias: only a Pad border fill gets tolerance."""
+    b, x = block(50)
+    h = b.conv(x, 4, 8, 1, bias=True, bias_name=b.const(np.full(8, 1e-9)))
+    declined(b.build(b.relu(b.conv(h, 8, 4, 3))))
+
+
 def test_pad_nonzero_value_untouched():
     """Pad with value 1 → 3×3 pad 0: untouched."""
     b, x = block(49)
