@@ -169,6 +169,8 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded normal inputs. Written apart from onnxrep.verify on purpose: the tests' oracle must
+    not share code with what it checks."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
     feeds = {}
