@@ -16,7 +16,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import InputError, OnnxrepError
-from .io import STRIPPED
+from .io import PAYLOAD_MIN, RELEASED, STRIPPED, LeanModel, on_disk, stub_index, tensor_array  # noqa: F401
 
 log = logging.getLogger("onnxrep")
 
@@ -49,22 +49,18 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 # tensors as LazyValues (read on first use, released after the rules ran), and export writes a
 # payload-free skeleton first (checked, shape-inferred, verified with weights fed as arrays), then
 # fills each payload once, dropping the graph's array as it goes.
-PAYLOAD_MIN = 1024  # tensors smaller than this are exported whole (shape values, scalars)
-RELEASED = -1  # stub index of a weight whose array release_dead dropped
-_RAW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-              onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-              onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
-_LITTLE = np.little_endian
 
 
-def stub_index(t: onnx.TensorProto) -> int | None:
-    """The payload index of a stub written by export_skeleton / io.without_payload's callers, else None."""
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    kv = {e.key: e.value for e in t.external_data}
-    if kv.get("location") != STRIPPED:
-        return None
-    return int(kv["offset"]) if kv.get("offset", "").isdigit() else RELEASED
+class DiskValues(LazyValues):
+    """LazyValues of a payload still in the input file (io.on_disk): graphsurgeon's own load()
+    (constant folding reads `.values`) must not resolve its location, onnxrep reads it."""
+
+    def load(self):
+        return np.array(tensor_array(self.tensor))
+
+
+def lazy(t: onnx.TensorProto) -> LazyValues:
+    return DiskValues(t) if on_disk(t) is not None else LazyValues(t)
 
 
 def attach_payloads(graph: gs.Graph, sources: list[onnx.TensorProto]) -> None:
@@ -77,7 +73,7 @@ def attach_payloads(graph: gs.Graph, sources: list[onnx.TensorProto]) -> None:
             if i is not None:
                 if not 0 <= i < len(sources):
                     raise InputError(f"tensor '{c.name}' has external data that was not loaded")
-                c._values = LazyValues(sources[i])
+                c._values = lazy(sources[i])
                 c.data_location = None
 
 
@@ -102,19 +98,14 @@ def all_constants(graph: gs.Graph) -> list[gs.Constant]:
 
 
 def load_values(lazy: LazyValues) -> np.ndarray:
-    """The array of a lazily imported tensor: one copy (protobuf hands out raw_data as a new bytes
-    object, which the array wraps, read-only), where graphsurgeon's LazyValues.load makes three."""
+    """The array of a lazily imported tensor: one copy (io.tensor_array), where graphsurgeon's
+    LazyValues.load makes three."""
     t = lazy.tensor
-    if isinstance(t, onnx.TensorProto) and stub_index(t) is not None:
-        raise _released(t.name) if stub_index(t) == RELEASED else OnnxrepError(
-            f"internal error: weight '{t.name}' is a payload-free stub (not attached to its data)")
-    if (isinstance(t, onnx.TensorProto) and t.data_type in _RAW_TYPES and _LITTLE and t.HasField("raw_data")
-            and t.data_location != onnx.TensorProto.EXTERNAL):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        raw = t.raw_data
-        shape = tuple(t.dims)
-        if len(raw) == int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if isinstance(t, onnx.TensorProto):
+        if stub_index(t) is not None:
+            raise _released(t.name) if stub_index(t) == RELEASED else OnnxrepError(
+                f"internal error: weight '{t.name}' is a payload-free stub (not attached to its data)")
+        return tensor_array(t)
     arr = lazy.load()
     arr.flags.writeable = False
     return arr
@@ -203,11 +194,11 @@ def _released(name: str):
     return OnnxrepError(f"internal error: weight '{name}' is read after the graph stopped using it")
 
 
-def export_skeleton(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[str, str] | None = None):
-    """Export `graph` with every top-level constant of PAYLOAD_MIN bytes or more as a stub (see
-    stub_index): a model of a few KB whatever the weights, for the checker, shape inference and ORT
-    (which gets the weights as arrays). Returns (skeleton, payloads): payloads[i] is the stub i's
-    source, a numpy array or a TensorProto; fill_payloads turns the skeleton into the model."""
+def export_skeleton(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[str, str] | None = None) -> LeanModel:
+    """Export `graph` as a LeanModel: every top-level constant of PAYLOAD_MIN bytes or more is a
+    stub whose payload is the graph's own array or the input's tensor (nothing is copied). The
+    skeleton is a few KB whatever the weights, for the checker, shape inference and ORT (which
+    gets the weights as arrays); save_model streams it out, fill_payloads builds the ModelProto."""
     payloads: list = []
     swapped = []
     for t in graph.tensors().values():
@@ -236,38 +227,39 @@ def export_skeleton(graph: gs.Graph, template: onnx.ModelProto, provenance: dict
     finally:
         for t, v in swapped:
             t._values = v
-    return skeleton, payloads
+    lean = LeanModel(skeleton, payloads)
+    for t in onnx.external_data_helper._get_all_tensors(skeleton):
+        if on_disk(t) is not None:  # an input weight graphsurgeon exported where stubs are not
+            lean.fill(t, _adopt(lean, t))  # made (a subgraph reading it): never a file path out
+    return lean
 
 
-def fill_payloads(model: onnx.ModelProto, payloads: list, graph: gs.Graph | None = None) -> onnx.ModelProto:
-    """Write each stub's payload into `model` (in place) and return it. With `graph`, each constant
-    filled from an array is pointed at its new tensor and the array dropped, so the weights exist
-    once (in the model) rather than twice."""
+def _adopt(lean: LeanModel, t: onnx.TensorProto) -> int:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(t)
+    lean.payloads.append(copy)
+    return len(lean.payloads) - 1
+
+
+def fill_payloads(lean: LeanModel, graph: gs.Graph | None = None) -> onnx.ModelProto:
+    """The model itself: `lean`'s skeleton with each payload written in (in place). With `graph`,
+    each constant filled from an array is pointed at its new tensor and the array dropped, so the
+    weights exist once (in the model) rather than twice."""
     by_name = {}
     if graph is not None:
         by_name = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    model = lean.proto
     for dst in model.graph.initializer:
         i = stub_index(dst)
         if i is None:
             continue
-        src = payloads[i]
-        name = dst.name
-        if isinstance(src, onnx.TensorProto):
-            if stub_index(src) is not None:
-                raise _released(name)
-            dst.CopyFrom(src)
-            dst.name = name
-            continue
-        del dst.external_data[:]
-        dst.ClearField("data_location")
-        if _LITTLE and dst.data_type in _RAW_TYPES:
-            dst.raw_data = np.ascontiguousarray(src).tobytes()
-        else:
-            dst.CopyFrom(onnx.numpy_helper.from_array(src, name))
-        payloads[i] = None
-        c = by_name.get(name)
-        if c is not None and c._values is src:
-            c._values = LazyValues(dst)
+        src = lean.payloads[i]
+        lean.fill(dst, i)
+        if isinstance(src, np.ndarray):
+            lean.payloads[i] = None
+            c = by_name.get(dst.name)
+            if c is not None and c._values is src:
+                c._values = LazyValues(dst)
     return model
 
 

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import engine as E
 from . import graph as G
 from . import stats, verify as V
 from .errors import InputError, OnnxrepError, VerificationError
-from .io import check_model, load_model, run_checker, without_payload
+from .io import LeanModel, check_model, open_model, run_checker, without_payload
 
 log = logging.getLogger("onnxrep")
 
@@ -97,19 +96,20 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
+def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
     """Pin shapes, infer shapes, import, fold constants (shape arithmetic included).
 
     Works on a payload-free copy of `model` whose stubs are then pointed back at `model`'s own
-    tensors: nothing here copies a weight, and `model` is not modified. Returns that copy (the
-    template for export: opsets, IR version, metadata) and the graph."""
-    sources: list[onnx.TensorProto] = []
+    tensors (or a LeanModel's payloads, which may still be in the input file): nothing here reads
+    or copies a weight, and `model` is not modified. Returns that copy (the template for export:
+    opsets, IR version, metadata) and the graph."""
+    proto, sources = (model.proto, list(model.payloads)) if isinstance(model, LeanModel) else (model, [])
 
     def keep(src, stub):
         stub.external_data.add(key="offset", value=str(len(sources)))
         sources.append(src)
 
-    work = without_payload(model, min_bytes=G.PAYLOAD_MIN, on_stub=keep)
+    work = without_payload(proto, min_bytes=G.PAYLOAD_MIN, on_stub=keep)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
     work = infer_shapes(work)
@@ -122,7 +122,7 @@ def prepare(model: onnx.ModelProto, input_shapes: dict | None = None) -> tuple[o
             break
         # folding turned computed Pad amounts, Reshape targets, ... into constants: infer again so
         # the tensors behind them get static shapes, which lets the next round fold Shape ops
-        skeleton, _ = G.export_skeleton(graph, work)
+        skeleton = G.export_skeleton(graph, work).proto
         G.update_shapes(graph, infer_shapes(_strip_value_info(skeleton)))
     del work.graph.value_info[:]
     return work, graph
@@ -142,29 +142,25 @@ def fold_constants(graph) -> None:
     G.tidy(graph)
 
 
-class Rewritten:
-    """A rewritten graph, exported payload-free: `skeleton` (checked, verified with `weights()` fed
-    to ORT as arrays) becomes the model with `model()`, which moves the payloads in."""
+class Rewritten(LeanModel):
+    """A rewritten graph as a LeanModel: `skeleton` is checked and verified (with `weights()` fed to
+    ORT as arrays), then streamed to a file by io.save_model, or made a ModelProto by `model()`,
+    which moves the payloads in."""
 
     def __init__(self, graph, template, ctx: E.Context):
         self.graph, self.ctx = graph, ctx
-        self.skeleton, self.payloads = G.export_skeleton(graph, template, ctx.provenance)
+        lean = G.export_skeleton(graph, template, ctx.provenance)
+        super().__init__(lean.proto, lean.payloads)
 
-    def weights(self) -> dict:
-        """Stub name → array: the graph's own arrays (no copy) or the input's tensors read once."""
-        out = {}
-        for t in self.skeleton.graph.initializer:
-            i = G.stub_index(t)
-            if i is not None:
-                src = self.payloads[i]
-                out[t.name] = src if isinstance(src, np.ndarray) else G.load_values(LazyValues(src))
-        return out
+    @property
+    def skeleton(self) -> onnx.ModelProto:
+        return self.proto
 
     def model(self) -> onnx.ModelProto:
-        return G.fill_payloads(self.skeleton, self.payloads, self.graph)
+        return G.fill_payloads(self, self.graph)
 
 
-def rewrite_graph(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options,
+def rewrite_graph(model: "onnx.ModelProto | LeanModel", rules: list[E.Rule], options: E.Options,
                   loaded: dict | None = None, before: dict | None = None) -> Rewritten:
     """`loaded`: arrays already read out of `model` (by the verification's reference run), which
     the rules then use instead of reading the weights a second time. `before`: the input's
@@ -172,7 +168,7 @@ def rewrite_graph(model: onnx.ModelProto, rules: list[E.Rule], options: E.Option
     folded graph, which computes the same thing."""
     template, graph = prepare(model, options.input_shapes)
     if before is not None and before.get("macs") is None:
-        before["macs"] = stats.macs(G.export_skeleton(graph, template)[0])
+        before["macs"] = stats.macs(G.export_skeleton(graph, template).proto)
     if loaded:
         G.preload(graph, loaded)
     ctx = E.Context(graph, options)
@@ -191,28 +187,45 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
              enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
              rtol: float | None = None, atol: float = 0.0, aggressive: bool = False, seed: int = 0,
              return_report: bool = False):
-    """Re-parameterize `model` (a path or ModelProto); see the module docstring."""
+    """Re-parameterize `model` (a path, ModelProto or io.LeanModel); see the module docstring.
+    Returns the optimized ModelProto (every weight in memory); to write a file without that,
+    use reparameterize and io.save_model, as the CLI does."""
+    rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,
+                                       verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed)
+    out = rewritten.model()
+    return (out, report) if return_report else out
+
+
+def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
+                   enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
+                   rtol: float | None = None, atol: float = 0.0, aggressive: bool = False,
+                   seed: int = 0) -> tuple[Rewritten, Report]:
+    """optimize() up to the written model: returns the Rewritten model (a LeanModel whose weights
+    are the rules' arrays and, for weights no rule changed, the input's tensors, still in the
+    input file when `model` came from a path or io.open_model) and the report."""
     t0 = time.perf_counter()
     path = None
     if isinstance(model, (str, os.PathLike)):
         path = str(model)
         file_bytes = os.path.getsize(path) if os.path.exists(path) else None
-        model = load_model(path)
-    else:
-        if not isinstance(model, onnx.ModelProto):
-            raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
+        lean = open_model(path)
+    elif isinstance(model, LeanModel):
+        lean, file_bytes = model, None  # open_model checked it
+    elif isinstance(model, onnx.ModelProto):
         check_model(model)
-        file_bytes = None
-    if not any(True for _ in model.graph.node):
+        lean, file_bytes = LeanModel.wrap(model), None
+    else:
+        raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
+    if not any(True for _ in lean.proto.graph.node):
         raise InputError("model has no nodes")
     selected = E.select_rules(rules, skip, enable)
     options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
-    before = stats.summarize(model, file_bytes)
+    before = stats.summarize(lean.proto, file_bytes)
     loaded = None
     if verify:  # the reference run first: while it holds a copy of the weights, nothing else does;
         # the rules then take those arrays over, and release each as they replace it
-        feeds, reference, loaded = _reference(model, options, seed)
-    rewritten = rewrite_graph(model, selected, options, loaded, before)
+        feeds, reference, loaded = _reference(lean, options, seed)
+    rewritten = rewrite_graph(lean, selected, options, loaded, before)
     loaded = None
     ctx = rewritten.ctx
     try:
@@ -221,14 +234,12 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
         raise OnnxrepError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
     verification = None
-    if verify:  # before the payloads move into the model: ORT reads the graph's arrays, no copy
-        verification = _verify(model, rewritten, ctx, selected, options, rtol, atol, feeds, reference)
-    after = stats.summarize(rewritten.skeleton)
-    out = rewritten.model()
+    if verify:  # ORT reads the graph's arrays as they are, no copy
+        verification = _verify(lean, rewritten, ctx, selected, options, rtol, atol, feeds, reference)
     report = Report(
         input=path,
         before=before,
-        after=after,
+        after=stats.summarize(rewritten.skeleton),
         rule_counts=dict(ctx.counts),
         rewrites=[{"rule": r.rule, "replaced": r.replaced, "created": r.created, "detail": r.detail} for r in ctx.rewrites],
         declines=[{"rule": k[0], "node": k[1], "reason": k[2]} for k in ctx.declines],
@@ -236,21 +247,21 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
         seconds=time.perf_counter() - t0,
         notes=ctx.notes,
     )
-    return (out, report) if return_report else out
+    return rewritten, report
 
 
-def _reference(model, options, seed) -> tuple[dict, dict, dict]:
-    feeds = V.random_inputs(V.input_specs(model, options.input_shapes), seed)
+def _reference(lean: LeanModel, options, seed) -> tuple[dict, dict, dict]:
+    feeds = V.random_inputs(V.input_specs(lean.proto, options.input_shapes), seed)
     try:
-        light, weights = V.split_weights(model)
+        light, weights = V.split_lean(lean)
         return feeds, V.run(light, feeds, weights), weights
     except Exception as e:
         raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
 
 
-def _verify(model, rewritten: Rewritten, ctx, selected, options, rtol, atol, feeds, reference) -> dict:
+def _verify(model: LeanModel, rewritten: Rewritten, ctx, selected, options, rtol, atol, feeds, reference) -> dict:
     if rtol is None:  # by the precision the model computes in, not only its outputs' dtype
-        rtol = V.model_rtol(model)
+        rtol = V.model_rtol(model.proto)
     try:
         got = V.run(rewritten.skeleton, feeds, weights=rewritten.weights())
         result = V.VerifyResult(V.compare(reference, got, rtol, atol),
@@ -303,7 +314,7 @@ def _find_culprit(model, ctx, selected, options, rtol, atol, reference, feeds) -
         rules = [r for r in selected if r.name != name]
         try:
             out, _ = rewrite(model, rules, options)
-            if V.verify(model, out, rtol, atol, options.input_shapes, 0, reference, feeds).ok:
+            if V.verify(model.proto, out, rtol, atol, options.input_shapes, 0, reference, feeds).ok:
                 return name
         except Exception:  # a variant that fails to build tells us nothing about the culprit
             continue

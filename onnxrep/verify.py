@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .io import PROTOBUF_LIMIT, payload_bytes, save_model, without_payload
+from .io import PROTOBUF_LIMIT, LeanModel, payload_bytes, save_model, stub_index, without_payload
 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -125,8 +125,10 @@ def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), optimize: bool = False, threads: int | None = None):
-    """An ORT session for an in-memory model (written to a temp dir when it exceeds 2 GB)."""
+def session(model: "onnx.ModelProto | LeanModel", providers=("CPUExecutionProvider",), optimize: bool = False,
+            threads: int | None = None):
+    """An ORT session for an in-memory model (written to a temp dir when it exceeds 2 GB, or when
+    it is a LeanModel: its weights are streamed there, never gathered in memory)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -136,7 +138,7 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), optimiz
     so.log_severity_level = 4  # errors reach the user as one onnxrep line, not ORT's own log
     if threads:
         so.intra_op_num_threads = threads
-    if payload_bytes(model) < PROTOBUF_LIMIT - (64 << 20):  # ByteSize() would serialize it all to ask
+    if not isinstance(model, LeanModel) and payload_bytes(model) < PROTOBUF_LIMIT - (64 << 20):  # ByteSize() would serialize it all
         return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="onnxrep-verify-") as d:
         path = os.path.join(d, "model.onnx")
@@ -164,28 +166,29 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights: dict[str,
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A payload-free copy of `model` and its large initializers as (read-only) arrays, each read
     out of the proto once."""
+    return split_lean(LeanModel.wrap(model))
+
+
+def split_lean(lean: LeanModel) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The skeleton of `lean` and its main-graph weights as arrays, each read once from wherever
+    it is. A weight numpy cannot hold as ORT takes it (bfloat16, int4, ...) goes back into the
+    skeleton as an initializer."""
+    light = onnx.ModelProto()
+    light.CopyFrom(lean.proto)  # a few KB: every large tensor is a stub
     weights = {}
-
-    def take(src, stub):
-        arr = _array_of(src)
-        if arr is None:  # a type numpy cannot hold as is: leave it an initializer
-            stub.CopyFrom(src)
+    for t in light.graph.initializer:
+        i = stub_index(t)
+        if i is None:
+            continue
+        try:
+            arr = lean.array(i)
+        except (ValueError, TypeError):
+            arr = None
+        if arr is not None and arr.dtype.type in _NP.values():
+            weights[t.name] = arr
         else:
-            weights[src.name] = arr
-
-    return without_payload(model, initializers_only=True, on_stub=take), weights
-
-
-def _array_of(t: onnx.TensorProto) -> np.ndarray | None:
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
-    from .graph import load_values
-
-    try:
-        arr = load_values(LazyValues(t))
-    except Exception:  # e.g. a dtype graphsurgeon cannot load
-        return None
-    return arr if arr.dtype.type in _NP.values() else None
+            lean.fill(t, i)
+    return light, weights
 
 
 def _weights_as_inputs(light: onnx.ModelProto, weights: dict) -> onnx.ModelProto:

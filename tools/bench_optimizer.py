@@ -6,7 +6,7 @@
     python tools/bench_optimizer.py --size-mb 100 --channels 512 --json out.json
 
 Every measurement runs in its own subprocess (so each peak RSS is clean) and reports its wall
-time from before loading to after saving, imports excluded, and its peak RSS (ru_maxrss, which
+time from before loading to after saving, imports excluded, and its peak RSS (VmHWM, which
 includes the interpreter and the imported libraries):
 
   load+save      onnx.load + onnx.save of the same file, external data kept (the baseline)
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,10 @@ MODES = ("load+save", "load+save/in", "optimize", "optimize+v", "2xORT")
 
 # -- workers (run in a child process) -------------------------------------------------------------
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """VmHWM: this process's peak RSS. (Not ru_maxrss: Linux carries that over from the parent
+    across exec, so a worker started by a large parent would report the parent's peak.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _worker(mode: str, src: str, dst: str, ref: str | None) -> dict:

@@ -1,0 +1,206 @@
+"""Lean models: weights read where they lie (io.open_model) and streamed out (io.save_model).
+
+open_model walks the protobuf wire format instead of parsing the file, and leaves each large
+initializer's bytes in the .onnx file or its external data file; save_model writes the model field
+by field. Both must agree exactly with protobuf and onnx's own loader and writer, on every model:
+these tests compare them on models with the awkward parts (Constant nodes, subgraphs, typed
+fields, small tensors, fields in unusual order, repeated raw_data, fp16, doc strings).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxrep
+from onnxrep import cli, io
+from onnxrep.errors import InputError
+from tests.helpers import GraphBuilder, run_model
+from tools.make_large_model import make_model
+
+
+def _normal(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every tensor's data_location left unset where it says DEFAULT: the field is
+    optional, and filling a stub cannot know whether the file spelled the default out."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in onnx.external_data_helper._get_all_tensors(m):
+        if t.data_location == TensorProto.DEFAULT:
+            t.ClearField("data_location")
+    return m
+
+
+def _repvgg(seed: int = 0, dtype=np.float32) -> onnx.ModelProto:
+    b = GraphBuilder(seed=seed, dtype=dtype)
+    x = b.input([1, 16, 8, 8])
+    y = b.add(b.bn(b.conv(x, 16, 16, 3), 16), b.bn(b.conv(x, 16, 16, 1), 16))
+    return b.build(b.relu(y))
+
+
+def _awkward() -> onnx.ModelProto:
+    """Large and small initializers, a typed-field (float_data) weight, a Constant node holding a
+    large tensor, an If whose branches carry their own large initializers, doc strings."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w")
+    w.doc_string = "a weight with a doc string"
+    typed = helper.make_tensor("typed", TensorProto.FLOAT, [8, 8, 3, 3], rng.standard_normal(576).tolist())
+    small = numpy_helper.from_array(np.ones(8, np.float32), "small")
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+        rng.standard_normal((1, 8, 8, 8)).astype(np.float32), "cval"))
+
+    def branch(name, scale):
+        k = numpy_helper.from_array((scale * rng.standard_normal((8, 8, 3, 3))).astype(np.float32), f"{name}_k")
+        return helper.make_graph([helper.make_node("Conv", ["y", f"{name}_k"], [f"{name}_out"], pads=[1, 1, 1, 1])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 8, 8, 8])], [k])
+
+    nodes = [
+        const,
+        helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "typed"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "c"], ["b2"]),
+        helper.make_node("Mul", ["b2", "small_b"], ["y"]),
+        helper.make_node("ReduceSum", ["y"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["out"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0)),
+    ]
+    small_b = numpy_helper.from_array(np.full((1, 8, 1, 1), 0.5, np.float32), "small_b")
+    zero = numpy_helper.from_array(np.array(0, np.float32), "zero")
+    graph = helper.make_graph(nodes, "awkward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [w, typed, small, small_b, zero])
+    graph.doc_string = "graph doc"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+MODELS = {"repvgg": _repvgg, "repvgg_fp16": lambda: _repvgg(dtype=np.float16), "awkward": _awkward}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_open_model_is_onnx_load(tmp_path, name, external):
+    """What open_model leaves on disk and materialize() reads back is exactly what onnx.load reads."""
+    model = MODELS[name]()
+    # raw initializers of 1 KiB or more; typed fields (float_data) stay in the protobuf
+    large = sum(len(t.raw_data) >= 1024 for t in model.graph.initializer)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=external, size_threshold=1024)  # (moves model's data out)
+    lean = io.open_model(path)
+    assert _normal(lean.materialize()) == _normal(onnx.load(str(path)))
+    assert all(io.on_disk(p) for p in lean.payloads)  # nothing read yet
+    assert {io.on_disk(p)[0] for p in lean.payloads} == {str((path.parent / ("m.onnx" if not external else
+                                                         next(iter(_locations(path))))).resolve())}
+    assert len(lean.payloads) == large
+
+
+def _locations(path: Path) -> set[str]:
+    m = onnx.load(str(path), load_external_data=False)
+    return {e.value for t in onnx.external_data_helper._get_all_tensors(m) for e in t.external_data if e.key == "location"}
+
+
+def test_open_model_reads_no_weights(tmp_path):
+    """The lean proto of a model is a few KB; its payloads point into the file (all but the BN
+    vectors, which are below PAYLOAD_MIN)."""
+    info = make_model(tmp_path / "ext.onnx", channels=32, blocks=3, hw=8)
+    inline = tmp_path / "inline.onnx"
+    inline.write_bytes(onnx.load(info["path"]).SerializeToString())
+    for path in (Path(info["path"]), inline):
+        lean = io.open_model(path)
+        assert len(lean.proto.SerializeToString()) < 16 * 1024
+        assert sum(io.on_disk(p)[2] for p in lean.payloads) >= 0.95 * info["weight_bytes"]
+
+
+def test_wire_walk_follows_protobuf_semantics(tmp_path):
+    """Fields out of the usual order (initializers after everything else, the graph after the
+    opsets) and a raw_data field given twice (the last one wins), as protobuf parses them."""
+    model = _repvgg()
+    w = model.graph.initializer[0]
+    stale = onnx.TensorProto()
+    stale.CopyFrom(w)
+    stale.raw_data = np.zeros(len(w.raw_data) // 4, np.float32).tobytes()
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    head.ClearField("graph")
+    rest = onnx.GraphProto()
+    rest.CopyFrom(model.graph)
+    del rest.initializer[:]
+    # the tensor with two raw_data fields: the stale one first, then the real one
+    twice = stale.SerializeToString() + io._key(io._RAW_DATA) + io._varint(len(w.raw_data)) + w.raw_data
+    inits = b"".join(io._key(io._INITIALIZER) + io._varint(len(b)) + b for b in
+                     [twice] + [t.SerializeToString() for t in model.graph.initializer[1:]])
+    graph = rest.SerializeToString() + inits
+    data = head.SerializeToString() + io._key(io._GRAPH) + io._varint(len(graph)) + graph
+    path = tmp_path / "odd.onnx"
+    path.write_bytes(data)
+    parsed = onnx.load(str(path))
+    assert numpy_helper.to_array(parsed.graph.initializer[0]).any()  # protobuf's reading: the real one
+    lean = io.open_model(path)
+    assert _normal(lean.materialize()) == _normal(parsed)
+
+
+def test_not_wire_format_falls_back_to_protobuf(tmp_path):
+    """Bytes the walk cannot follow are left to protobuf, which words the error."""
+    path = tmp_path / "bad.onnx"
+    good = _repvgg().SerializeToString()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(InputError, match="protobuf decode failed"):
+        io.open_model(path)
+    assert io._scan(path) is None
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_save_streams_what_onnx_save_writes(tmp_path, external):
+    """save_model's field-by-field output parses to the same model onnx.save's does, passes the
+    full checker, and runs in ORT; from a ModelProto and from a lean model alike."""
+    model = _awkward()
+    src = tmp_path / "src.onnx"
+    onnx.save(model, str(src))
+    for i, m in enumerate((model, io.open_model(src))):
+        out = tmp_path / f"out{i}.onnx"
+        written = io.save_model(m, out, external=external)
+        assert [p.name for p in written] == [out.name] + ([out.name + ".data"] if external else [])
+        assert _normal(onnx.load(str(out))) == _normal(model)
+        onnx.checker.check_model(str(out), full_check=True)
+        x = {"x": np.random.default_rng(1).standard_normal((1, 8, 8, 8)).astype(np.float32)}
+        np.testing.assert_array_equal(run_model(onnx.load(str(out)), x)["out"], run_model(model, x)["out"])
+
+
+def test_optimize_from_an_inline_file_equals_optimize_in_memory(tmp_path):
+    """The CLI's path (open_model → reparameterize → streamed save) writes the model the
+    in-memory API returns."""
+    model = _repvgg(seed=3)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    assert cli.main(["optimize", str(src), str(out), "-q"]) == 0
+    expected = onnxrep.optimize(model)
+    got = onnx.load(str(out))
+    assert [n.op_type for n in got.graph.node] == ["Conv", "Relu"]
+    for a, b in zip(sorted(got.graph.initializer, key=lambda t: t.name),
+                    sorted(expected.graph.initializer, key=lambda t: t.name)):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_input_changed_under_a_lean_model_is_a_clear_error(tmp_path):
+    """A weight file cut short after it was opened: reading the weight says so (no garbage)."""
+    info = make_model(tmp_path / "m.onnx", channels=16, blocks=1, hw=4)
+    lean = io.open_model(info["path"])
+    os.truncate(tmp_path / "m.onnx.data", 1024)
+    with pytest.raises(InputError, match="shorter"):
+        lean.weights()
+
+
+def test_external_data_symlink_out_of_the_directory_is_refused(tmp_path):
+    """A location inside the directory that is a symlink to a file outside it escapes all the same."""
+    (tmp_path / "in").mkdir()
+    model = _repvgg()
+    onnx.save(model, str(tmp_path / "in" / "m.onnx"), save_as_external_data=True, location="w.bin")
+    os.replace(tmp_path / "in" / "w.bin", tmp_path / "w.bin")
+    os.symlink(tmp_path / "w.bin", tmp_path / "in" / "w.bin")
+    with pytest.raises(InputError, match="not a file inside the model's directory"):
+        io.open_model(tmp_path / "in" / "m.onnx")
