@@ -16,7 +16,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import InputError, OnnxrepError
-from .io import PAYLOAD_MIN, RELEASED, STRIPPED, LeanModel, on_disk, stub_index, tensor_array  # noqa: F401
+from .lean import PAYLOAD_MIN, RELEASED, LeanModel, on_disk, point_stub, stub_index, tensor_array
 
 log = logging.getLogger("onnxrep")
 
@@ -52,7 +52,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 class DiskValues(LazyValues):
-    """LazyValues of a payload still in the input file (io.on_disk): graphsurgeon's own load()
+    """LazyValues of a payload still in the input file (lean.on_disk): graphsurgeon's own load()
     (constant folding reads `.values`) must not resolve its location, onnxrep reads it."""
 
     def load(self):
@@ -98,7 +98,7 @@ def all_constants(graph: gs.Graph) -> list[gs.Constant]:
 
 
 def load_values(lazy: LazyValues) -> np.ndarray:
-    """The array of a lazily imported tensor: one copy (io.tensor_array), where graphsurgeon's
+    """The array of a lazily imported tensor: one copy (lean.tensor_array), where graphsurgeon's
     LazyValues.load makes three."""
     t = lazy.tensor
     if isinstance(t, onnx.TensorProto):
@@ -184,9 +184,7 @@ def release_loaded(graph: gs.Graph) -> None:
 
 def _stub(name: str, data_type: int, dims, index: int) -> onnx.TensorProto:
     t = onnx.TensorProto(name=name, data_type=data_type, dims=[int(d) for d in dims])
-    t.data_location = onnx.TensorProto.EXTERNAL
-    t.external_data.add(key="location", value=STRIPPED)
-    t.external_data.add(key="offset", value=str(index) if index >= 0 else "released")
+    point_stub(t, index)
     return t
 
 

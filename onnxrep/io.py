@@ -11,11 +11,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import InputError, OnnxrepError, OutputError, UsageError
+from . import wire
+from .errors import InputError, OutputError, UsageError
+from .lean import (PAYLOAD_MIN, STRIPPED, LeanModel, all_tensors, copy_fields, expected_bytes, on_disk_tensor,
+                   payload_bytes, stub_index, without_payload)
 
 # protobuf refuses to serialize a single message above 2 GiB; leave headroom for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -81,334 +83,58 @@ def load_model(path: str | os.PathLike, check: bool = True, info: dict | None = 
     return open_model(path, check, info).materialize()
 
 
-# -- lean models: weights left where they are ------------------------------------------------------
-PAYLOAD_MIN = 1024  # tensors smaller than this stay inside the protobuf (shape values, scalars)
-STRIPPED = "stripped"  # external_data location of a stub: a tensor whose payload is kept elsewhere
-RELEASED = -1  # stub index of a weight whose array was dropped (graph.release_dead)
-
-
-def stub_index(t: onnx.TensorProto) -> int | None:
-    """The payload index of a stub (see LeanModel), RELEASED, or None for any other tensor."""
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    kv = {e.key: e.value for e in t.external_data}
-    if kv.get("location") != STRIPPED:
-        return None
-    return int(kv["offset"]) if kv.get("offset", "").isdigit() else RELEASED
-
-
-class LeanModel:
-    """A model whose large tensors are not inside its protobuf.
-
-    `proto` holds a stub in place of each (data_location EXTERNAL, location STRIPPED, offset = an
-    index into `payloads`), and payloads[i] is that tensor's data: a numpy array, an in-memory
-    TensorProto, or a TensorProto whose bytes are still in the input file (see on_disk). The
-    checker, shape inference and ORT (weights fed as arrays) work on `proto` alone, and save_model
-    streams the payloads into the output: a model is never assembled in memory to be written.
-
-    Protobuf (upb) makes every touch of a payload a copy (reading raw_data, CopyFrom, extend), frees
-    a cleared field only with its whole message, and serializes everything to answer ByteSize():
-    so the weights live outside the protobuf, once."""
-
-    def __init__(self, proto: onnx.ModelProto, payloads: list):
-        self.proto, self.payloads = proto, payloads
-
-    @classmethod
-    def wrap(cls, model: onnx.ModelProto, initializers_only: bool = True) -> "LeanModel":
-        """`model` as a LeanModel whose payloads are its own tensors (nothing is copied; `model`
-        must stay unchanged while the result is used). initializers_only: stub only the main
-        graph's initializers (what ORT can be fed as arrays)."""
-        payloads: list = []
-
-        def keep(src, stub):
-            del stub.external_data[:]
-            stub.external_data.add(key="location", value=STRIPPED)
-            stub.external_data.add(key="offset", value=str(len(payloads)))
-            payloads.append(src)
-
-        return cls(without_payload(model, PAYLOAD_MIN, on_stub=keep, initializers_only=initializers_only), payloads)
-
-    def source(self, i: int):
-        src = self.payloads[i] if i >= 0 else None
-        if src is None or isinstance(src, onnx.TensorProto) and stub_index(src) is not None:
-            raise OnnxrepError(f"internal error: payload {i} was released before the model was written")
-        return src
-
-    def nbytes(self, i: int) -> int:
-        src = self.source(i)
-        if isinstance(src, np.ndarray):
-            return src.nbytes
-        n = _expected_bytes(src)
-        return n if n is not None else tensor_array(src).nbytes
-
-    def array(self, i: int) -> np.ndarray:
-        src = self.source(i)
-        return src if isinstance(src, np.ndarray) else tensor_array(src)
-
-    def weights(self) -> dict[str, np.ndarray]:
-        """Main-graph stubs by name → arrays (read once; arrays already held are not copied)."""
-        return {t.name: self.array(i) for t in self.proto.graph.initializer if (i := stub_index(t)) is not None}
-
-    def fill(self, stub: onnx.TensorProto, i: int) -> None:
-        """Turn `stub` into the whole tensor (its payload copied in)."""
-        src = self.source(i)
-        name = stub.name
-        if isinstance(src, onnx.TensorProto) and on_disk(src) is None:
-            stub.CopyFrom(src)
-        else:
-            arr = self.array(i)
-            del stub.external_data[:]
-            stub.ClearField("data_location")
-            if np.little_endian and stub.data_type in _RAW_TYPES:
-                stub.raw_data = np.ascontiguousarray(arr).tobytes()
-            else:
-                stub.CopyFrom(onnx.numpy_helper.from_array(arr, name))
-        stub.name = name
-
-    def materialize(self) -> onnx.ModelProto:
-        """A whole in-memory ModelProto: the skeleton with every payload copied in."""
-        model = onnx.ModelProto()
-        model.CopyFrom(self.proto)
-        for t in onnx.external_data_helper._get_all_tensors(model):
-            i = stub_index(t)
-            if i is not None:
-                self.fill(t, i)
-        return model
-
-    def write_payload(self, i: int, f) -> None:
-        """Append payload i's bytes (little-endian raw data) to the unbuffered file `f`."""
-        src = self.source(i)
-        if isinstance(src, onnx.TensorProto):
-            where = on_disk(src)
-            if where is not None:
-                _copy_range(where, f)
-                return
-            if src.HasField("raw_data") and _expected_bytes(src) == len(src.raw_data):
-                _write_all(f, src.raw_data)
-                return
-        arr = np.ascontiguousarray(self.array(i))
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        _write_all(f, arr.reshape(-1).view(np.uint8) if arr.size else b"")
-
-
-_RAW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-              onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-              onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
-
-
-def on_disk(t: onnx.TensorProto) -> tuple[str, int, int] | None:
-    """(path, offset, length) of a payload that open_model left in a file, else None. Such a
-    tensor is EXTERNAL with an absolute location (a model's own locations are relative)."""
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    kv = {e.key: e.value for e in t.external_data}
-    loc = kv.get("location", "")
-    if not os.path.isabs(loc):
-        return None
-    return loc, int(kv["offset"]), int(kv["length"])
-
-
-def _on_disk_tensor(header: onnx.TensorProto, path: str, offset: int, length: int) -> onnx.TensorProto:
-    t = onnx.TensorProto(name=header.name, data_type=header.data_type, dims=header.dims)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for k, v in (("location", path), ("offset", str(offset)), ("length", str(length))):
-        t.external_data.add(key=k, value=v)
-    return t
-
-
-def tensor_array(t: onnx.TensorProto) -> np.ndarray:
-    """A TensorProto's values as a read-only array, with one copy: raw data is wrapped where it is
-    (protobuf hands it out as a new bytes object), an on-disk payload is read straight into it."""
-    where = on_disk(t)
-    size = _ITEMSIZE.get(t.data_type)
-    if (where is not None or t.HasField("raw_data")) and t.data_type in _RAW_TYPES and size is not None:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")
-        shape = tuple(t.dims)
-        count = int(np.prod(shape, dtype=np.int64))
-        if where is not None:
-            path, offset, length = where
-            if length != count * size:
-                raise InputError(f"tensor '{t.name}' has {length} bytes of data, its dims need {count * size}")
-            try:
-                arr = np.fromfile(path, dtype=dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
-            except OSError as e:
-                raise InputError(f"cannot read weights of '{t.name}' from {path}: {e.strerror or e}") from e
-            if arr.size != count:
-                raise InputError(f"cannot read weights of '{t.name}' from {path}: the file is shorter than it was")
-            arr = arr.reshape(shape)
-            arr.flags.writeable = False
-            return arr.astype(arr.dtype.newbyteorder("=")) if not np.little_endian else arr
-        raw = t.raw_data
-        if len(raw) == count * size and np.little_endian:
-            return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    if where is not None:  # a type numpy cannot read raw (int4, ...): let onnx decode the bytes
-        path, offset, length = where
-        m = onnx.TensorProto()
-        m.CopyFrom(t)
-        del m.external_data[:]
-        m.data_location = onnx.TensorProto.DEFAULT
-        with open(path, "rb") as f:
-            f.seek(offset)
-            m.raw_data = f.read(length)
-        t = m
-    arr = onnx.numpy_helper.to_array(t)
-    arr.flags.writeable = False
-    return arr
-
-
-def _copy_range(where: tuple[str, int, int], f) -> None:
-    """Copy `length` bytes at `offset` of `path` to the end of the unbuffered file `f`, in the
-    kernel where it can (copy_file_range), else through a 16 MiB buffer."""
-    path, offset, length = where
-    with open(path, "rb", buffering=0) as src:
-        if hasattr(os, "copy_file_range"):
-            try:
-                while length:
-                    n = os.copy_file_range(src.fileno(), f.fileno(), length, offset)
-                    if n <= 0:
-                        break
-                    offset += n
-                    length -= n
-            except OSError:  # a filesystem or kernel without it: fall through to plain reads
-                pass
-        while length:
-            buf = os.pread(src.fileno(), min(length, 16 << 20), offset)
-            if not buf:
-                raise OutputError(f"cannot copy weights from {path}: the file is shorter than it was")
-            _write_all(f, buf)
-            offset += len(buf)
-            length -= len(buf)
-
-
 def _scan(p: Path) -> "LeanModel | None":
     """Open an ONNX file without reading its weights: walk the protobuf wire format of ModelProto →
     GraphProto → initializer TensorProtos, keep every field except the raw_data of initializers of
     PAYLOAD_MIN bytes or more, and point those at their bytes in the file (on_disk). None where
     the bytes are not plain wire format (protobuf then parses the whole file and reports why)."""
     with open(p, "rb", buffering=0) as f:
-        mm = _Reader(f.fileno(), os.fstat(f.fileno()).st_size)
+        buf = wire.Reader(f.fileno(), os.fstat(f.fileno()).st_size)
         try:
             head, graph, inits = bytearray(), bytearray(), []
-            for field, wt, start, vs, ve in _fields(mm, 0, len(mm)):
-                if field == _GRAPH and wt == 2:
-                    for gf, gwt, gstart, gvs, gve in _fields(mm, vs, ve):
-                        if gf == _INITIALIZER and gwt == 2:
-                            inits.append(_scan_tensor(mm, gvs, gve))
+            for field, wt, start, vs, ve in wire.fields(buf, 0, len(buf)):
+                if field == wire.GRAPH and wt == 2:
+                    for gf, gwt, gstart, gvs, gve in wire.fields(buf, vs, ve):
+                        if gf == wire.INITIALIZER and gwt == 2:
+                            inits.append(_scan_tensor(buf, gvs, gve))
                         else:
-                            graph += mm[gstart:gve]
+                            graph += buf[gstart:gve]
                 else:
-                    head += mm[start:ve]
+                    head += buf[start:ve]
             model = onnx.ModelProto.FromString(bytes(head))
             g = onnx.GraphProto.FromString(bytes(graph))
         except (ValueError, IndexError, DecodeError, RuntimeError):
             return None
-    payloads = []
+    model.graph.CopyFrom(g)
+    lean = LeanModel(model, [])
     path = str(p.resolve())
     for kept, raw in inits:
-        t = g.initializer.add()
+        t = model.graph.initializer.add()
         try:
             t.ParseFromString(kept)
         except (DecodeError, RuntimeError):
             return None
         if raw is not None:
-            payloads.append(_on_disk_tensor(t, path, raw[0], raw[1] - raw[0]))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.add(key="location", value=STRIPPED)
-            t.external_data.add(key="offset", value=str(len(payloads) - 1))
-    model.graph.CopyFrom(g)
-    return LeanModel(model, payloads)
+            lean.add(t, on_disk_tensor(t, path, raw[0], raw[1] - raw[0]))
+    return lean
 
 
-class _Reader:
-    """Bytes of a file by index and slice, read with pread 64 KiB at a time: walking the wire format
-    touches only the bytes around each field's key, and (unlike an mmap, whose mapped pages count
-    as the process's memory) holds one block."""
-
-    BLOCK = 64 << 10
-
-    def __init__(self, fd: int, size: int):
-        self.fd, self.size = fd, size
-        self.start, self.block = 0, b""
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _read(self, start: int, n: int) -> bytes:
-        data = os.pread(self.fd, n, start)
-        if len(data) != n:
-            raise ValueError("file changed while it was read")
-        return data
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            if self.start <= k.start and k.stop <= self.start + len(self.block):
-                return self.block[k.start - self.start:k.stop - self.start]
-            return self._read(k.start, k.stop - k.start)
-        if not self.start <= k < self.start + len(self.block):
-            if not 0 <= k < self.size:
-                raise IndexError(k)
-            self.start = k
-            self.block = self._read(k, min(self.BLOCK, self.size - k))
-        return self.block[k - self.start]
-
-
-def _scan_tensor(mm, start: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
+def _scan_tensor(buf, start: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
     """A TensorProto's bytes without a large raw_data, and that raw_data's (start, end), if any.
     A payload whose length disagrees with the dims stays inline, for the checker to report."""
     kept, raw = bytearray(), None
-    for field, wt, fstart, vs, ve in _fields(mm, start, end):
-        if field == _RAW_DATA and wt == 2:
-            raw = (fstart, vs, ve)  # a repeated field: the last one wins
+    for field, wt, fstart, vs, ve in wire.fields(buf, start, end):
+        if field == wire.RAW_DATA and wt == 2:
+            raw = (fstart, vs, ve)  # given twice, the last one wins (as in protobuf)
         else:
-            kept += mm[fstart:ve]
+            kept += buf[fstart:ve]
     if raw is None:
         return bytes(kept), None
     header = onnx.TensorProto.FromString(bytes(kept))
     n = raw[2] - raw[1]
-    if n < PAYLOAD_MIN or _expected_bytes(header) != n or header.data_location == onnx.TensorProto.EXTERNAL:
-        return bytes(mm[start:end]), None
+    if n < PAYLOAD_MIN or expected_bytes(header) != n or header.data_location == onnx.TensorProto.EXTERNAL:
+        return bytes(buf[start:end]), None
     return bytes(kept), (raw[1], raw[2])
-
-
-def _fields(buf, start: int, end: int):
-    """(field number, wire type, start of key, start of value, end of value) of each field of
-    the message in buf[start:end]; ValueError where the bytes are not wire format."""
-    pos = start
-    while pos < end:
-        key_start = pos
-        key, pos = _read_varint(buf, pos, end)
-        field, wt = key >> 3, key & 7
-        if field == 0:
-            raise ValueError("field number 0")
-        if wt == 0:
-            _, vend = _read_varint(buf, pos, end)
-        elif wt == 1:
-            vend = pos + 8
-        elif wt == 2:
-            n, pos = _read_varint(buf, pos, end)
-            vend = pos + n
-        elif wt == 5:
-            vend = pos + 4
-        else:  # groups (3, 4) are not used by onnx.proto; 6, 7 do not exist
-            raise ValueError(f"wire type {wt}")
-        if vend > end:
-            raise ValueError("truncated")
-        yield field, wt, key_start, pos, vend
-        pos = vend
-
-
-def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
 
 
 def _resolve_external(lean: LeanModel, p: Path) -> None:
@@ -417,7 +143,7 @@ def _resolve_external(lean: LeanModel, p: Path) -> None:
     Every location must name a regular file inside the model's directory, and every range must
     lie in its file and match the tensor's dims."""
     base = p.parent.resolve()
-    for top, t in _tensors(lean.proto):
+    for top, t in all_tensors(lean.proto):
         if t.data_location != onnx.TensorProto.EXTERNAL or stub_index(t) is not None:
             continue
         kv = {e.key: e.value for e in t.external_data}
@@ -435,19 +161,16 @@ def _resolve_external(lean: LeanModel, p: Path) -> None:
         except ValueError:
             raise InputError(f"cannot load external weights of {p}: tensor '{t.name}' has a non-integer "
                              "offset or length") from None
-        need = _expected_bytes(t)
+        need = expected_bytes(t)
         if offset < 0 or length < 0 or offset + length > size:
             raise InputError(f"cannot load external weights of {p}: tensor '{t.name}' needs bytes "
                              f"{offset}..{offset + length} of '{loc}', which has {size}")
         if need is not None and length != need:
             raise InputError(f"cannot load external weights of {p}: tensor '{t.name}' has {length} bytes "
                              f"of external data, its dims need {need}")
-        disk = _on_disk_tensor(t, str(where), offset, length)
+        disk = on_disk_tensor(t, str(where), offset, length)
         if top and need is not None and need >= PAYLOAD_MIN:
-            lean.payloads.append(disk)
-            del t.external_data[:]
-            t.external_data.add(key="location", value=STRIPPED)
-            t.external_data.add(key="offset", value=str(len(lean.payloads) - 1))
+            lean.add(t, disk)
         else:  # small, or in a node or subgraph: read it into the model now
             with open(where, "rb") as f:
                 f.seek(offset)
@@ -512,105 +235,6 @@ def run_checker(light: onnx.ModelProto, full_check: bool = True) -> None:
         with open(path, "wb") as f:
             f.write(light.SerializeToString())
         onnx.checker.check_model(path, full_check=full_check)
-
-
-_TP = onnx.TensorProto
-# bytes per element of the fixed-width types; strings and sub-byte types (int4, ...) are left out
-_ITEMSIZE = {_TP.FLOAT: 4, _TP.DOUBLE: 8, _TP.FLOAT16: 2, _TP.BFLOAT16: 2, _TP.INT8: 1, _TP.UINT8: 1,
-             _TP.INT16: 2, _TP.UINT16: 2, _TP.INT32: 4, _TP.UINT32: 4, _TP.INT64: 8, _TP.UINT64: 8,
-             _TP.BOOL: 1, _TP.COMPLEX64: 8, _TP.COMPLEX128: 16}
-_ITEMSIZE.update({getattr(_TP, n): 1 for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
-                  if hasattr(_TP, n)})
-
-
-def _expected_bytes(t: onnx.TensorProto) -> int | None:
-    """Payload bytes a tensor's dims and type call for; None for strings and sub-byte types."""
-    size = _ITEMSIZE.get(t.data_type)
-    if size is None:
-        return None
-    n = size
-    for d in t.dims:
-        n *= d
-    return n
-
-
-def payload_bytes(model: onnx.ModelProto) -> int:
-    """Raw weight bytes of a model, from tensor dims (reading raw_data would copy it)."""
-    return sum(_expected_bytes(t) or 0 for t in onnx.external_data_helper._get_all_tensors(model)
-               if t.HasField("raw_data"))
-
-
-def without_payload(model: onnx.ModelProto, min_bytes: int = 1024, validate: bool = False,
-                    on_stub=None, initializers_only: bool = False) -> onnx.ModelProto:
-    """A copy of `model` in which each tensor (initializers, Constant nodes, subgraphs) with a raw
-    payload of at least `min_bytes` is a stub: same name, type and dims, data_location EXTERNAL at
-    location STRIPPED. No payload is ever copied: protobuf (upb) frees a cleared field only with the
-    whole message, so CopyFrom-then-clear would cost a full copy of the weights, and ByteSize() or
-    SerializeToString() of a large model serialize all of it.
-
-    validate: compare each payload's length with its dims (reads it once) and keep a mismatching
-    tensor whole, so onnx.checker reports it. on_stub(tensor, stub) is called for each stub, in
-    order (save_model writes the payload and points the stub at it). initializers_only: stub only
-    the main graph's initializers (verification feeds those to ORT as inputs)."""
-
-    def tensor(dst, src):
-        n = _expected_bytes(src) if src.HasField("raw_data") and src.data_location != onnx.TensorProto.EXTERNAL else None
-        if n is None or n < min_bytes or (validate and len(src.raw_data) != n):
-            dst.CopyFrom(src)
-            return
-        _copy_fields(dst, src, skip=("raw_data", "external_data", "data_location"))
-        dst.data_location = onnx.TensorProto.EXTERNAL
-        dst.external_data.add(key="location", value=STRIPPED)
-        if on_stub is not None:
-            on_stub(src, dst)
-
-    def graph(dst, src):
-        _copy_fields(dst, src, skip=("node", "initializer"))
-        for t in src.initializer:
-            tensor(dst.initializer.add(), t)
-        for n in src.node:
-            node(dst.node.add(), n)
-
-    def node(dst, src):
-        if initializers_only or not any(a.HasField("t") or len(a.tensors) or a.HasField("g") or len(a.graphs) for a in src.attribute):
-            dst.CopyFrom(src)
-            return
-        _copy_fields(dst, src, skip=("attribute",))
-        for a in src.attribute:
-            d = dst.attribute.add()
-            _copy_fields(d, a, skip=("t", "tensors", "g", "graphs"))
-            if a.HasField("t"):
-                tensor(d.t, a.t)
-            for t in a.tensors:
-                tensor(d.tensors.add(), t)
-            if a.HasField("g"):
-                graph(d.g, a.g)
-            for g in a.graphs:
-                graph(d.graphs.add(), g)
-
-    light = onnx.ModelProto()
-    _copy_fields(light, model, skip=("graph",))
-    if model.HasField("graph"):
-        graph(light.graph, model.graph)
-    tensor = graph = node = None  # noqa: F841  break the closures' cycle: it would keep on_stub's data alive
-    return light
-
-
-def _copy_fields(dst, src, skip=()) -> None:
-    """Copy the fields of `src` into `dst` except `skip`, without reading the skipped ones."""
-    for fd in src.DESCRIPTOR.fields:
-        if fd.name in skip:
-            continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-        if repeated:
-            values = getattr(src, fd.name)
-            if len(values):
-                getattr(dst, fd.name).extend(values)
-        elif src.HasField(fd.name):
-            if fd.message_type is not None:
-                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
-            else:
-                setattr(dst, fd.name, getattr(src, fd.name))
 
 
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
@@ -711,7 +335,7 @@ def _save_external(lean: "LeanModel", tmp_model: Path, data_name: str) -> None:
             nonlocal offset
             pad = (-offset) % 4096
             if pad:
-                _write_all(data, b"\0" * pad)
+                wire.write_all(data, b"\0" * pad)
                 offset += pad
             del stub.external_data[:]
             for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(n))):
@@ -720,7 +344,7 @@ def _save_external(lean: "LeanModel", tmp_model: Path, data_name: str) -> None:
 
         def write(src, stub):  # a raw tensor still inside the model
             place(stub, len(src.raw_data))
-            _write_all(data, src.raw_data)
+            wire.write_all(data, src.raw_data)
 
         skeleton = without_payload(lean.proto, on_stub=write)
         for t in onnx.external_data_helper._get_all_tensors(skeleton):
@@ -739,17 +363,17 @@ def _save_inline(lean: "LeanModel", tmp_model: Path) -> None:
     alone. Stubs outside the main graph's initializers (Constant nodes, subgraphs) are filled in
     memory first: they are small, and nested lengths would otherwise need a second pass."""
     proto = lean.proto
-    if any(not top and stub_index(t) is not None for top, t in _tensors(proto)):  # rare: fill those in a copy
+    if any(not top and stub_index(t) is not None for top, t in all_tensors(proto)):  # rare: fill those in a copy
         proto = onnx.ModelProto()
         proto.CopyFrom(lean.proto)
-        for top, t in _tensors(proto):
+        for top, t in all_tensors(proto):
             i = stub_index(t)
             if i is not None and not top:
                 lean.fill(t, i)
     head = onnx.ModelProto()
-    _copy_fields(head, proto, skip=("graph",))
+    copy_fields(head, proto, skip=("graph",))
     rest = onnx.GraphProto()
-    _copy_fields(rest, proto.graph, skip=("initializer",))
+    copy_fields(rest, proto.graph, skip=("initializer",))
     parts = []  # (tensor header bytes, payload index or None, payload bytes)
     for t in proto.graph.initializer:
         i = stub_index(t)
@@ -757,75 +381,19 @@ def _save_inline(lean: "LeanModel", tmp_model: Path) -> None:
             parts.append((t.SerializeToString(), None, 0))
             continue
         h = onnx.TensorProto()
-        _copy_fields(h, t, skip=("external_data", "data_location", "raw_data"))
+        copy_fields(h, t, skip=("external_data", "data_location", "raw_data"))
         parts.append((h.SerializeToString(), i, lean.nbytes(i)))
-    sizes = [len(h) + (0 if i is None else _field_size(_RAW_DATA, n)) for h, i, n in parts]
-    graph_size = len(rest_bytes := rest.SerializeToString()) + sum(_field_size(_INITIALIZER, s) for s in sizes)
+    sizes = [len(h) + (0 if i is None else wire.field_size(wire.RAW_DATA, n)) for h, i, n in parts]
+    graph_size = len(rest_bytes := rest.SerializeToString()) + sum(wire.field_size(wire.INITIALIZER, s) for s in sizes)
     if graph_size + len(head_bytes := head.SerializeToString()) >= PROTOBUF_LIMIT:
         raise OutputError("the model exceeds the 2 GB a single protobuf can hold; write it with external data")
     with open(tmp_model, "wb", buffering=0) as f:
-        _write_all(f, head_bytes + _key(_GRAPH) + _varint(graph_size) + rest_bytes)
+        wire.write_all(f, head_bytes + wire.key(wire.GRAPH) + wire.varint(graph_size) + rest_bytes)
         for (h, i, n), s in zip(parts, sizes):
-            _write_all(f, _key(_INITIALIZER) + _varint(s) + h)
+            wire.write_all(f, wire.key(wire.INITIALIZER) + wire.varint(s) + h)
             if i is not None:
-                _write_all(f, _key(_RAW_DATA) + _varint(n))
+                wire.write_all(f, wire.key(wire.RAW_DATA) + wire.varint(n))
                 lean.write_payload(i, f)
-
-
-# protobuf field numbers (onnx.proto): ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
-_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
-
-
-def _tensors(model: onnx.ModelProto):
-    """(is a main-graph initializer, tensor) for every tensor of the model: the main graph's
-    initializers, then Constant-node and other attribute tensors and subgraphs' tensors, then
-    functions'. (Protobuf hands out a new wrapper per access, so identity cannot tell them apart.)"""
-    for t in model.graph.initializer:
-        yield True, t
-
-    def graph(g, initializers):
-        if initializers:
-            for t in g.initializer:
-                yield False, t
-        for n in g.node:
-            for a in n.attribute:
-                if a.HasField("t"):
-                    yield False, a.t
-                for t in a.tensors:
-                    yield False, t
-                if a.HasField("g"):
-                    yield from graph(a.g, True)
-                for sub in a.graphs:
-                    yield from graph(sub, True)
-
-    yield from graph(model.graph, False)
-    for f in model.functions:
-        yield from graph(f, False)
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def _key(field: int) -> bytes:
-    return _varint(field << 3 | 2)  # wire type 2: length-delimited
-
-
-def _field_size(field: int, n: int) -> int:
-    return len(_key(field)) + len(_varint(n)) + n
-
-
-def _write_all(f, buf) -> None:
-    """Raw (unbuffered) file writes may be short; write until all of `buf` is out."""
-    view = memoryview(buf).cast("B")
-    while view:
-        n = f.write(view)
-        view = view[n:]
 
 
 def _first_line(e: BaseException) -> str:

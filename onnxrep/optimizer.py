@@ -12,14 +12,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from . import engine as E
 from . import graph as G
 from . import stats, verify as V
 from .errors import InputError, OnnxrepError, VerificationError
-from .io import LeanModel, check_model, open_model, run_checker, without_payload
+from .io import check_model, open_model, run_checker
+from .lean import LeanModel, point_stub, without_payload
 
 log = logging.getLogger("onnxrep")
 
@@ -87,7 +87,7 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes for every tensor where ONNX can infer them (with shape-arithmetic propagation).
-    Give it a payload-free model (io.without_payload, graph.export_skeleton): inference serializes
+    Give it a payload-free model (lean.without_payload, graph.export_skeleton): inference serializes
     its input, which for a model with weights costs a copy of them (and fails above 2 GB)."""
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -106,7 +106,7 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     proto, sources = (model.proto, list(model.payloads)) if isinstance(model, LeanModel) else (model, [])
 
     def keep(src, stub):
-        stub.external_data.add(key="offset", value=str(len(sources)))
+        point_stub(stub, len(sources))
         sources.append(src)
 
     work = without_payload(proto, min_bytes=G.PAYLOAD_MIN, on_stub=keep)
@@ -187,7 +187,7 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
              enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
              rtol: float | None = None, atol: float = 0.0, aggressive: bool = False, seed: int = 0,
              return_report: bool = False):
-    """Re-parameterize `model` (a path, ModelProto or io.LeanModel); see the module docstring.
+    """Re-parameterize `model` (a path, ModelProto or lean.LeanModel); see the module docstring.
     Returns the optimized ModelProto (every weight in memory); to write a file without that,
     use reparameterize and io.save_model, as the CLI does."""
     rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,

@@ -4,11 +4,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .io import _expected_bytes, without_payload
+from .lean import expected_bytes, without_payload
 
 
 def op_histogram(model: onnx.ModelProto) -> Counter:
@@ -34,7 +33,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the initializers, from their dims (reading raw_data would copy every weight)."""
     total = 0
     for t in model.graph.initializer:
-        n = _expected_bytes(t)
+        n = expected_bytes(t)
         total += n if n is not None else numpy_helper.to_array(t).nbytes
     return total
 
@@ -76,7 +75,6 @@ def macs(model: onnx.ModelProto) -> int | None:
         if out is None or any(s is None for s in ins):
             return None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        group = int(attrs.get("group", 1))
         if n.op_type == "Conv":
             w = ins[1]
             total += math.prod(out) * math.prod(w[1:])

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .io import PROTOBUF_LIMIT, LeanModel, payload_bytes, save_model, stub_index, without_payload
+from .io import PROTOBUF_LIMIT, save_model
+from .lean import LeanModel, payload_bytes, stub_index, without_payload
 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
-from onnxrep import cli, io
+from onnxrep import cli, io, lean, wire
 from onnxrep.errors import InputError
 from tests.helpers import GraphBuilder, run_model
 from tools.make_large_model import make_model
@@ -91,12 +91,12 @@ def test_open_model_is_onnx_load(tmp_path, name, external):
     large = sum(len(t.raw_data) >= 1024 for t in model.graph.initializer)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path), save_as_external_data=external, size_threshold=1024)  # (moves model's data out)
-    lean = io.open_model(path)
-    assert _normal(lean.materialize()) == _normal(onnx.load(str(path)))
-    assert all(io.on_disk(p) for p in lean.payloads)  # nothing read yet
-    assert {io.on_disk(p)[0] for p in lean.payloads} == {str((path.parent / ("m.onnx" if not external else
+    lm = io.open_model(path)
+    assert _normal(lm.materialize()) == _normal(onnx.load(str(path)))
+    assert all(lean.on_disk(p) for p in lm.payloads)  # nothing read yet
+    assert {lean.on_disk(p)[0] for p in lm.payloads} == {str((path.parent / ("m.onnx" if not external else
                                                          next(iter(_locations(path))))).resolve())}
-    assert len(lean.payloads) == large
+    assert len(lm.payloads) == large
 
 
 def _locations(path: Path) -> set[str]:
@@ -111,9 +111,9 @@ def test_open_model_reads_no_weights(tmp_path):
     inline = tmp_path / "inline.onnx"
     inline.write_bytes(onnx.load(info["path"]).SerializeToString())
     for path in (Path(info["path"]), inline):
-        lean = io.open_model(path)
-        assert len(lean.proto.SerializeToString()) < 16 * 1024
-        assert sum(io.on_disk(p)[2] for p in lean.payloads) >= 0.95 * info["weight_bytes"]
+        lm = io.open_model(path)
+        assert len(lm.proto.SerializeToString()) < 16 * 1024
+        assert sum(lean.on_disk(p)[2] for p in lm.payloads) >= 0.95 * info["weight_bytes"]
 
 
 def test_wire_walk_follows_protobuf_semantics(tmp_path):
@@ -131,17 +131,17 @@ def test_wire_walk_follows_protobuf_semantics(tmp_path):
     rest.CopyFrom(model.graph)
     del rest.initializer[:]
     # the tensor with two raw_data fields: the stale one first, then the real one
-    twice = stale.SerializeToString() + io._key(io._RAW_DATA) + io._varint(len(w.raw_data)) + w.raw_data
-    inits = b"".join(io._key(io._INITIALIZER) + io._varint(len(b)) + b for b in
+    twice = stale.SerializeToString() + wire.key(wire.RAW_DATA) + wire.varint(len(w.raw_data)) + w.raw_data
+    inits = b"".join(wire.key(wire.INITIALIZER) + wire.varint(len(b)) + b for b in
                      [twice] + [t.SerializeToString() for t in model.graph.initializer[1:]])
     graph = rest.SerializeToString() + inits
-    data = head.SerializeToString() + io._key(io._GRAPH) + io._varint(len(graph)) + graph
+    data = head.SerializeToString() + wire.key(wire.GRAPH) + wire.varint(len(graph)) + graph
     path = tmp_path / "odd.onnx"
     path.write_bytes(data)
     parsed = onnx.load(str(path))
     assert numpy_helper.to_array(parsed.graph.initializer[0]).any()  # protobuf's reading: the real one
-    lean = io.open_model(path)
-    assert _normal(lean.materialize()) == _normal(parsed)
+    lm = io.open_model(path)
+    assert _normal(lm.materialize()) == _normal(parsed)
 
 
 def test_not_wire_format_falls_back_to_protobuf(tmp_path):
@@ -189,10 +189,10 @@ def test_optimize_from_an_inline_file_equals_optimize_in_memory(tmp_path):
 def test_input_changed_under_a_lean_model_is_a_clear_error(tmp_path):
     """A weight file cut short after it was opened: reading the weight says so (no garbage)."""
     info = make_model(tmp_path / "m.onnx", channels=16, blocks=1, hw=4)
-    lean = io.open_model(info["path"])
+    lm = io.open_model(info["path"])
     os.truncate(tmp_path / "m.onnx.data", 1024)
     with pytest.raises(InputError, match="shorter"):
-        lean.weights()
+        lm.weights()
 
 
 def test_external_data_symlink_out_of_the_directory_is_refused(tmp_path):

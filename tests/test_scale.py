@@ -19,7 +19,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxrep
-from onnxrep import cli, io
+from onnxrep import cli, io, lean
 from onnxrep import verify as V
 from tools.make_large_model import block_bytes, make_model
 
@@ -119,8 +119,8 @@ def test_optimize_and_save_leave_the_model_unchanged(small, tmp_path):
 
 def test_without_payload_keeps_structure_not_weights(small):
     model = io.load_model(small)
-    light = io.without_payload(model)
-    assert light.ByteSize() < 16 * 1024 < io.payload_bytes(model)
+    light = lean.without_payload(model)
+    assert light.ByteSize() < 16 * 1024 < lean.payload_bytes(model)
     assert [t.name for t in light.graph.initializer] == [t.name for t in model.graph.initializer]
     assert [list(t.dims) for t in light.graph.initializer] == [list(t.dims) for t in model.graph.initializer]
     assert all(not t.HasField("raw_data") for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
