@@ -157,6 +157,7 @@ def test_report_json_has_before_after_counts_and_verification(capfd, block, out)
     assert report["rule_counts"].get("merge_linear_regions", 0) >= 1
     assert report["verification"]["ok"] is True
     assert report["verification"]["max_rel_error"] < 1e-5
+    assert 0 < report["verification"]["seconds"] < report["seconds"]
     assert sum(report["rule_counts"].values()) == len(report["rewrites"])
     assert sorted(os.listdir(out.parent)) == sorted([out.name, "report.json"]), "temp files left behind"
 

@@ -204,3 +204,21 @@ def test_inline_save_above_the_protobuf_limit_is_an_output_error(small, tmp_path
     with pytest.raises(onnxrep.errors.OutputError, match="external data"):
         io.save_model(model, tmp_path / "x.onnx", external=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_optimizer_measures_every_mode(tmp_path):
+    """tools/bench_optimizer.py end to end on a 1 MiB model: every mode runs in its own process and
+    reports time and peak RSS; optimize+v reports its verification time, and the table states each
+    goal as met or not (the figures themselves are for the README, not for a test)."""
+    from tools import bench_optimizer as B
+
+    info = make_model(tmp_path / "m.onnx", channels=32, blocks=8, hw=4)
+    res = B.bench(Path(info["path"]), tmp_path, repeat=1)
+    r = res["results"]
+    assert set(r) == set(B.MODES)
+    assert all(x["seconds"] > 0 and x["peak_mb"] >= x["import_peak_mb"] > 0 for x in r.values())
+    assert r["optimize+v"]["verify_seconds"] > 0 and "verify_seconds" not in r["optimize"]
+    text = B.table(res)
+    for goal in ("optimize time", "optimize peak RSS", "verification takes"):
+        assert goal in text and ("met" in text.split(goal)[1].splitlines()[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # outputs cleaned up
