@@ -1,7 +1,7 @@
 """onnxrep: structural re-parameterization of ONNX graphs."""
 from .errors import InputError, OnnxrepError, OutputError, UsageError, VerificationError
-from .optimizer import Report, optimize
+from .optimizer import Report, optimize, optimize_file
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "Report", "OnnxrepError", "InputError", "OutputError", "UsageError", "VerificationError", "__version__"]
+__all__ = ["optimize", "optimize_file", "Report", "OnnxrepError", "InputError", "OutputError", "UsageError", "VerificationError", "__version__"]

@@ -100,8 +100,8 @@ def cmd_rules(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    from .io import check_output_path, open_model, save_model
-    from .optimizer import parse_input_shapes, reparameterize
+    from .io import check_output_path
+    from .optimizer import optimize_file, parse_input_shapes
 
     shapes = parse_input_shapes([s for group in args.input_shape for s in group])
     check_output_path(args.input, args.output)
@@ -110,22 +110,17 @@ def cmd_optimize(args) -> int:
         report = Path(args.report).resolve()
         if report in (Path(args.output).resolve(), Path(args.output + ".data").resolve()):
             raise UsageError(f"--report {args.report} would overwrite the output model")
-    info: dict = {}
-    model = open_model(args.input, info=info)  # weights stay in the file until a rule reads them
-    out, report = reparameterize(
-        model, rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=shapes,
+    report = optimize_file(
+        args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
+        rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=shapes,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
     )
     report.input = args.input
-    report.before["file_bytes"] = info.get("file_bytes")
-    external = {"yes": True, "no": False, "auto": True if info.get("external_data") else None}[args.external_data]
-    written = save_model(out, args.output, external=external)  # streamed: the model is never whole in memory
-    report.after["file_bytes"] = sum(p.stat().st_size for p in written)
     if args.report:
         _write_json(args.report, report.to_dict())
     if not args.quiet:
         print(format_report(report, explain=args.explain))
-        print(f"wrote {', '.join(str(p) for p in written)}")
+        print(f"wrote {', '.join(report.written)}")
     return 0
 
 

@@ -17,8 +17,8 @@ import onnx
 from . import engine as E
 from . import graph as G
 from . import stats, verify as V
-from .errors import InputError, OnnxrepError, VerificationError
-from .io import check_model, open_model, run_checker
+from .errors import InputError, OnnxrepError, UsageError, VerificationError
+from .io import check_model, check_output_path, open_model, run_checker, save_model
 from .lean import LeanModel, point_stub, without_payload
 
 log = logging.getLogger("onnxrep")
@@ -35,6 +35,7 @@ class Report:
     verification: dict | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # files optimize_file wrote
 
     def to_dict(self) -> dict:
         return {
@@ -48,6 +49,7 @@ class Report:
             "verification": self.verification,
             "seconds": round(self.seconds, 3),
             "notes": self.notes,
+            "written": self.written,
         }
 
 
@@ -194,6 +196,28 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
                                        verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed)
     out = rewritten.model()
     return (out, report) if return_report else out
+
+
+def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_data: str | bool = "auto",
+                  **options) -> Report:
+    """Optimize the model file `src` into `dst`, as `onnxrep optimize` does, without ever holding
+    a whole model in memory: weights are read from `src` when a rule or the verification needs
+    them, and the output is streamed to `dst` (written atomically; `src` is never modified).
+    external_data: "auto" (external when the input's weights were, or above 1 GB), True, False.
+    `options` are optimize()'s. Returns the report; report.written lists the files."""
+    check_output_path(src, dst)
+    if external_data not in ("auto", True, False):
+        raise UsageError(f"external_data must be 'auto', True or False, not {external_data!r}")
+    info: dict = {}
+    lean = open_model(src, info=info)
+    rewritten, report = reparameterize(lean, **options)
+    report.input = str(src)
+    report.before["file_bytes"] = info.get("file_bytes")
+    external = (True if info.get("external_data") else None) if external_data == "auto" else external_data
+    written = save_model(rewritten, dst, external=external)
+    report.after["file_bytes"] = sum(p.stat().st_size for p in written)
+    report.written = [str(p) for p in written]
+    return report
 
 
 def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,

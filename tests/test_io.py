@@ -204,3 +204,20 @@ def test_external_data_symlink_out_of_the_directory_is_refused(tmp_path):
     os.symlink(tmp_path / "w.bin", tmp_path / "in" / "w.bin")
     with pytest.raises(InputError, match="not a file inside the model's directory"):
         io.open_model(tmp_path / "in" / "m.onnx")
+
+
+def test_optimize_file_api(tmp_path):
+    """onnxrep.optimize_file: the CLI's file-to-file path as an API; external data follows the
+    input unless told, the input is untouched, the report lists what was written."""
+    info = make_model(tmp_path / "in.onnx", channels=16, blocks=2, hw=4)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    report = onnxrep.optimize_file(info["path"], tmp_path / "out.onnx")
+    assert report.written == [str(tmp_path / "out.onnx"), str(tmp_path / "out.onnx.data")]
+    assert report.verification["ok"] and report.after["file_bytes"] == sum(Path(p).stat().st_size for p in report.written)
+    report = onnxrep.optimize_file(info["path"], tmp_path / "inline.onnx", external_data=False, verify=False)
+    assert report.written == [str(tmp_path / "inline.onnx")] and report.verification is None
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    with pytest.raises(onnxrep.UsageError, match="external_data"):
+        onnxrep.optimize_file(info["path"], tmp_path / "x.onnx", external_data="yes")
+    with pytest.raises(onnxrep.UsageError, match="is the input"):
+        onnxrep.optimize_file(info["path"], info["path"])
