@@ -285,13 +285,18 @@ def _probe_writable(parent: Path) -> None:
         pass
 
 
-def save_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, external: bool | None = None) -> list[Path]:
+def save_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, external: bool | None = None,
+               before_commit=None) -> list[Path]:
     """Write `model` atomically; return the files written.
 
     external=None keeps weights inline unless the model is too large for one protobuf
     (then they go to `<name>.data` beside it). The weights are streamed to the file one tensor at a
     time, from wherever they are (arrays, the input file, in-memory tensors): the model is never
     serialized as a whole, so writing costs no copy of it. `model` is left unchanged.
+
+    before_commit(path): called with the complete file, still in its temporary directory (its
+    .data beside it), before anything is moved into place; whatever it raises leaves nothing
+    written. optimize_file verifies the written model there.
     """
     lean = model if isinstance(model, LeanModel) else LeanModel.wrap(model, initializers_only=False)
     out = Path(path)
@@ -307,22 +312,23 @@ def save_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, ex
         tmpdir = Path(tempfile.mkdtemp(prefix=".onnxrep-", dir=parent))
     except OSError as e:
         raise OutputError(f"cannot write to {parent}: {e.strerror or e}") from e
-    written = []
+    tmp_model = tmpdir / out.name
     try:
-        tmp_model = tmpdir / out.name
-        if external:
-            _save_external(lean, tmp_model, data_name)
-            os.replace(tmpdir / data_name, parent / data_name)
-            written.append(parent / data_name)
-        else:
-            _save_inline(lean, tmp_model)
-        os.replace(tmp_model, out)
-        written.insert(0, out)
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
+        try:
+            (_save_external(lean, tmp_model, data_name) if external else _save_inline(lean, tmp_model))
+        except OSError as e:
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
+        if before_commit is not None:
+            before_commit(tmp_model)
+        try:
+            if external:
+                os.replace(tmpdir / data_name, parent / data_name)
+            os.replace(tmp_model, out)
+        except OSError as e:
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return written
+    return [out, parent / data_name] if external else [out]
 
 
 def _save_external(lean: "LeanModel", tmp_model: Path, data_name: str) -> None:

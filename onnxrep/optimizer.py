@@ -7,6 +7,7 @@ Errors are raised as onnxrep.errors types; the CLI maps them to exit codes.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -149,10 +150,16 @@ class Rewritten(LeanModel):
     ORT as arrays), then streamed to a file by io.save_model, or made a ModelProto by `model()`,
     which moves the payloads in."""
 
-    def __init__(self, graph, template, ctx: E.Context):
-        self.graph, self.ctx = graph, ctx
+    def __init__(self, graph, template, ctx: E.Context, rules: list[E.Rule]):
+        self.graph, self.ctx, self.rules = graph, ctx, rules
         lean = G.export_skeleton(graph, template, ctx.provenance)
         super().__init__(lean.proto, lean.payloads)
+
+    def release(self) -> None:
+        """Drop the graph and the rules' arrays (once the model is written, the file holds them)."""
+        self.graph = self.ctx.graph = None
+        self.payloads = [None] * len(self.payloads)
+        gc.collect()  # graphsurgeon's tensors and nodes sit in reference cycles
 
     @property
     def skeleton(self) -> onnx.ModelProto:
@@ -177,7 +184,7 @@ def rewrite_graph(model: "onnx.ModelProto | LeanModel", rules: list[E.Rule], opt
     E.run(graph, rules, ctx)
     G.tidy(graph)
     G.release_loaded(graph)  # weights the rules read but kept: back to the input's tensors
-    return Rewritten(graph, template, ctx)
+    return Rewritten(graph, template, ctx, rules)
 
 
 def rewrite(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> tuple[onnx.ModelProto, E.Context]:
@@ -208,13 +215,22 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_da
     check_output_path(src, dst)
     if external_data not in ("auto", True, False):
         raise UsageError(f"external_data must be 'auto', True or False, not {external_data!r}")
+    verify = options.pop("verify", True)
     info: dict = {}
     lean = open_model(src, info=info)
-    rewritten, report = reparameterize(lean, **options)
+    rewritten, report = reparameterize(lean, verify=False, **options)
     report.input = str(src)
     report.before["file_bytes"] = info.get("file_bytes")
     external = (True if info.get("external_data") else None) if external_data == "auto" else external_data
-    written = save_model(rewritten, dst, external=external)
+
+    def check(path):  # the written file, before it is moved into place: ORT reads both models from disk
+        rewritten.release()
+        report.verification = _verify_files(src, path, lean, rewritten, options.get("rtol"), options.get("atol", 0.0),
+                                            options.get("seed", 0))
+
+    t = time.perf_counter()
+    written = save_model(rewritten, dst, external=external, before_commit=check if verify else None)
+    report.seconds += time.perf_counter() - t
     report.after["file_bytes"] = sum(p.stat().st_size for p in written)
     report.written = [str(p) for p in written]
     return report
@@ -263,7 +279,8 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     verification = None
     if verify:  # ORT reads the graph's arrays as they are, no copy
         t = time.perf_counter()
-        verification = _verify(lean, rewritten, ctx, selected, options, rtol, atol, feeds, reference)
+        verification = _verify(lean, lean, lambda: V.run(rewritten.skeleton, feeds, weights=rewritten.weights()),
+                               rewritten, rtol, atol, feeds, reference)
         # both ORT runs, and reading the input's weights for the first (which the rules then reuse)
         verification["seconds"] = round(verify_seconds + time.perf_counter() - t, 3)
     report = Report(
@@ -289,17 +306,34 @@ def _reference(lean: LeanModel, options, seed) -> tuple[dict, dict, dict]:
         raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
 
 
-def _verify(model: LeanModel, rewritten: Rewritten, ctx, selected, options, rtol, atol, feeds, reference) -> dict:
+def _verify_files(src, path, lean: LeanModel, rewritten: Rewritten, rtol, atol, seed) -> dict:
+    """Verification of the optimized model as written (`path`) against the input file `src`, each
+    loaded by ONNX Runtime from disk: what is checked is the very file that will be delivered."""
+    t = time.perf_counter()
+    feeds = V.random_inputs(V.input_specs(lean.proto, rewritten.ctx.options.input_shapes), seed)
+    try:
+        reference = V.run_file(src, feeds)
+    except Exception as e:
+        raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
+    verification = _verify(lean, src, lambda: V.run_file(path, feeds), rewritten, rtol, atol, feeds, reference)
+    verification["seconds"] = round(time.perf_counter() - t, 3)
+    return verification
+
+
+def _verify(model: LeanModel, original, candidate, rewritten: Rewritten, rtol, atol, feeds, reference) -> dict:
+    """Compare `candidate()` (the optimized model's outputs on `feeds`) with `reference`. `original`
+    (the input as a LeanModel or its path) gives ORT's own noise floor where the strict check fails;
+    a failure names the rule responsible when leaving one out makes the outputs match."""
     if rtol is None:  # by the precision the model computes in, not only its outputs' dtype
         rtol = V.model_rtol(model.proto)
     try:
-        got = V.run(rewritten.skeleton, feeds, weights=rewritten.weights())
+        got = candidate()
         result = V.VerifyResult(V.compare(reference, got, rtol, atol),
                                 {k: list(v.shape) for k, v in feeds.items()})
     except Exception as e:
         raise VerificationError(f"ONNX Runtime cannot run the optimized model: {str(e).strip().splitlines()[0][:300]}") from e
     if not result.ok:
-        result = _widen_to_noise_floor(model, result, reference, feeds)
+        result = _widen_to_noise_floor(original, result, reference, feeds)
     summary = {
         "ok": result.ok,
         "max_rel_error": result.max_rel,
@@ -309,7 +343,7 @@ def _verify(model: LeanModel, rewritten: Rewritten, ctx, selected, options, rtol
     }
     if result.ok:
         return summary
-    culprit = _find_culprit(model, ctx, selected, options, rtol, atol, reference, feeds)
+    culprit = _find_culprit(model, rewritten.ctx, rewritten.rules, rewritten.ctx.options, rtol, atol, reference, feeds)
     worst = max(result.outputs, key=lambda o: o.rel)
     who = f"; rule '{culprit}' is responsible (passes without it)" if culprit else ""
     raise VerificationError(

@@ -126,10 +126,10 @@ def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def session(model: "onnx.ModelProto | LeanModel", providers=("CPUExecutionProvider",), optimize: bool = False,
-            threads: int | None = None):
-    """An ORT session for an in-memory model (written to a temp dir when it exceeds 2 GB, or when
-    it is a LeanModel: its weights are streamed there, never gathered in memory)."""
+def session(model: "onnx.ModelProto | LeanModel | str | os.PathLike", providers=("CPUExecutionProvider",),
+            optimize: bool = False, threads: int | None = None):
+    """An ORT session for a model file, or for an in-memory model (written to a temp dir when it
+    exceeds 2 GB, or when it is a LeanModel: its weights are streamed there, never gathered)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -139,6 +139,8 @@ def session(model: "onnx.ModelProto | LeanModel", providers=("CPUExecutionProvid
     so.log_severity_level = 4  # errors reach the user as one onnxrep line, not ORT's own log
     if threads:
         so.intra_op_num_threads = threads
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), so, providers=list(providers))
     if not isinstance(model, LeanModel) and payload_bytes(model) < PROTOBUF_LIMIT - (64 << 20):  # ByteSize() would serialize it all
         return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="onnxrep-verify-") as d:
@@ -162,6 +164,13 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights: dict[str,
     sess = session(_weights_as_inputs(model, weights))
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, {**feeds, **weights})))
+
+
+def run_file(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of the model file `path` on `feeds` in ORT, optimizations off, as ORT loads it."""
+    sess = session(path)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
 
 
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
