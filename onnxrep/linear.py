@@ -178,6 +178,23 @@ def _conv(node: gs.Node) -> LinearOp | Decline:
     return LinearOp(spec, x)
 
 
+def taps_per_output(node: gs.Node) -> int | None:
+    """Products summed into one output of a Conv/Gemm/MatMul with a constant weight, Cin/group ·
+    prod(kernel): `conv_of(node).spec`'s weight.shape[1] · prod(kernel_shape), read off the weight's
+    shape without loading or converting its values (the cost model needs no more)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant) or w.shape is None:
+        return None
+    shape = tuple(int(d) for d in w.shape)
+    if node.op == "Conv" and len(shape) >= 2:
+        return shape[1] * math.prod(shape[2:])
+    if node.op == "Gemm" and len(shape) == 2:
+        return shape[1] if int(node.attrs.get("transB", 0)) else shape[0]
+    if node.op == "MatMul" and len(shape) == 2:
+        return shape[0]
+    return None
+
+
 def same_pads(spatial, kernel, strides, dilations, upper: bool) -> tuple[int, ...]:
     begins, ends = [], []
     for h, k, s, d in zip(spatial, kernel, strides, dilations):

@@ -41,6 +41,9 @@ from onnxrep import linear as L
 from onnxrep.engine import Rewrite, Rule
 
 SUM_OPS = ("Add", "Sub", "Sum")
+# every op Walker.form goes through; any other producer makes its output a leaf
+WALKED_OPS = frozenset(SUM_OPS + ("Mul", "Div", "BatchNormalization", "Conv", "Gemm", "MatMul", "AveragePool",
+                                  "Pad", "Concat", "Split", "Slice"))
 MAX_DEPTH = 64
 # Bias residue accepted as zero when a border fill equals the bias up to rounding.
 BORDER_RTOL = 1e-6
@@ -244,6 +247,18 @@ def _consts(node):
             yield float(np.abs(v).max())
 
 
+def _may_grow(graph, node) -> bool:
+    """Whether the walk from `node` can take in a second op: some input of it is private to it and
+    made by an op the walk goes through. Without one the region is `node` alone, whatever the
+    weights are, so this structural test spares reading them (a merged Conv is an anchor again in
+    the next sweep)."""
+    for t in node.inputs:
+        up = G.producer(t)
+        if up is not None and up.op in WALKED_OPS and G.private_to(graph, t, node):
+            return True
+    return False
+
+
 def _union(lists) -> list:
     seen, out = set(), []
     for lst in lists:
@@ -270,9 +285,9 @@ def node_cost(n: gs.Node) -> int:
     moved = out + sum(_numel(t) for t in n.inputs if not isinstance(t, gs.Constant) and t.shape is not None)
     macs = out
     if n.op in ("Conv", "Gemm", "MatMul"):
-        lin = L.conv_of(n)
-        if lin:
-            macs = out * lin.spec.weight.shape[1] * math.prod(lin.spec.kernel_shape)
+        taps = L.taps_per_output(n)
+        if taps is not None:
+            macs = out * taps
     elif n.op == "AveragePool":
         macs = out * math.prod(n.attrs.get("kernel_shape", [1]))
     return macs + moved
@@ -302,6 +317,8 @@ class MergeLinearRegions(Rule):
         out = node.outputs[0]
         if not out.shape:
             return None
+        if node.op not in SUM_OPS + ("Concat",) and not _may_grow(ctx.graph, node):
+            return None  # a region of one op: skip the walk (it would read the weights in float64)
         walker = Walker(ctx.graph)
         try:
             form = walker.form(out)
