@@ -305,6 +305,7 @@ class Region:
     out: gs.Tensor
     form: Form | None
     why_not: str | None = None  # a sum/concat whose branches do not merge: the reason
+    final: K.ConvSpec | None = None  # form.spec as it will be written (_final), once computed
 
 
 class MergeLinearRegions(Rule):
@@ -338,10 +339,10 @@ class MergeLinearRegions(Rule):
         reason = _escapes(ctx.graph, form.nodes, region.out)
         if reason:
             return reason
-        return self._cost(form.spec, form.source, region.out, form.nodes, ctx)
+        region.final = _final(form.spec)
+        return self._cost(region.final, form.source, region.out, form.nodes, ctx)
 
     def _cost(self, spec, source, out, nodes, ctx):
-        spec = _final(spec)
         before = sum(node_cost(n) for n in nodes)
         after = merged_cost(spec, source, out)
         if after > before and not ctx.options.aggressive:
@@ -350,7 +351,7 @@ class MergeLinearRegions(Rule):
 
     def rewrite(self, region: Region, ctx):
         form = region.form
-        spec = _final(form.spec)
+        spec = region.final if region.final is not None else _final(form.spec)
         dtype = L.data_dtype(*[t for n in form.nodes for t in n.inputs[1:]], region.out)
         return L.replace_with_conv(ctx.graph, spec, form.source, region.out, form.nodes, dtype,
                                    f"{len(form.nodes)} ops → {_describe(spec)}")
