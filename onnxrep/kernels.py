@@ -316,10 +316,16 @@ def add(specs: list[ConvSpec], spatial: tuple[int, ...] | None = None) -> ConvSp
     if len({s.cout for s in specs}) > 1:
         raise NotMergeable("terms have different output channel counts")
     g = reduce(math.gcd, (s.group for s in specs))
-    w = np.zeros((specs[0].cout, specs[0].cin // g) + kernel)
-    b = np.zeros(specs[0].cout)
+    w = b = None
     for s, off in zip(specs, offsets):
         s = regroup(s, g)
+        if w is None and s.kernel_shape == kernel:
+            # the first term spans the window: start from it rather than from zeros (one pass over
+            # the kernel, not two); + 0.0 gives the very bits 0 + W would (−0 becomes +0)
+            w, b = s.weight + 0.0, s.bias + 0.0
+            continue
+        if w is None:
+            w, b = np.zeros((specs[0].cout, specs[0].cin // g) + kernel), np.zeros(specs[0].cout)
         # accumulate into the term's window in place: no full-size padded copy per term
         w[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(off, s.kernel_shape))] += s.weight
         b += s.bias
