@@ -49,6 +49,12 @@ class Context:
     declines: dict[tuple[str, str, str], int] = field(default_factory=dict)
     provenance: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rules: tuple[str, ...] = ()  # names of the rules this run applies, in sweep order (set by run)
+
+    def runs_after(self, rule: str, other: str) -> bool:
+        """Whether `other` is applied after `rule` within each sweep of this run, so that a match
+        `rule` leaves alone is still seen by `other` in the same sweep."""
+        return rule in self.rules and other in self.rules[self.rules.index(rule) + 1 :]
 
     def decline(self, rule: str, node: gs.Node, reason: str) -> None:
         key = (rule, node.name, reason)
@@ -99,6 +105,7 @@ def _constants(nodes):
 
 
 def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) -> Context:
+    ctx.rules = tuple(r.name for r in rules)
     with G.tracking(graph):
         return _run(graph, rules, ctx, max_sweeps)
 

@@ -144,7 +144,6 @@ def conv_of(node: gs.Node) -> LinearOp | Decline:
 
 
 def _conv(node: gs.Node) -> LinearOp | Decline:
-    x = node.inputs[0]
     w = G.const(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None:
         return Decline("Conv weight is not constant")
@@ -153,12 +152,26 @@ def _conv(node: gs.Node) -> LinearOp | Decline:
         b = G.const(node.inputs[2])
         if b is None:
             return Decline("Conv bias is not constant")
-    r = w.ndim - 2
+    geo = conv_geometry(node, w.shape)
+    if not geo:
+        return geo
+    spec = K.ConvSpec(w, b, **geo)
+    if spec.cin != w.shape[1] * spec.group:
+        return Decline("Conv weight and group disagree")
+    return LinearOp(spec, node.inputs[0])
+
+
+def conv_geometry(node: gs.Node, weight_shape) -> dict | Decline:
+    """A Conv's strides, pads (auto_pad resolved), dilations and group, as ConvSpec keywords, from
+    its attributes and the weight's shape alone: whether conv_of can express the node is known
+    without reading the weight."""
+    x = node.inputs[0]
+    r = len(weight_shape) - 2
     pads = node.attrs.get("pads")
     strides = tuple(node.attrs.get("strides") or (1,) * r)
     dil = tuple(node.attrs.get("dilations") or (1,) * r)
     ks = node.attrs.get("kernel_shape")
-    if ks is not None and tuple(ks) != w.shape[2:]:
+    if ks is not None and tuple(ks) != tuple(weight_shape[2:]):
         return Decline("Conv kernel_shape attribute disagrees with the weight")
     auto = node.attrs.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -168,14 +181,28 @@ def _conv(node: gs.Node) -> LinearOp | Decline:
             spatial = (1,) * r  # at stride 1 SAME pads total (k-1)·d whatever the size
         if spatial is None:
             return Decline(f"strided Conv auto_pad={auto} needs static spatial dims (use --input-shape)")
-        pads = same_pads(spatial, w.shape[2:], strides, dil, upper=auto == "SAME_UPPER")
+        pads = same_pads(spatial, weight_shape[2:], strides, dil, upper=auto == "SAME_UPPER")
     elif auto == "VALID":
         pads = (0,) * (2 * r)
-    spec = K.ConvSpec(w, b, strides=strides, pads=tuple(pads or (0,) * (2 * r)), dilations=dil,
-                      group=int(node.attrs.get("group", 1)))
-    if spec.cin != w.shape[1] * spec.group:
-        return Decline("Conv weight and group disagree")
-    return LinearOp(spec, x)
+    return dict(strides=strides, pads=tuple(pads or (0,) * (2 * r)), dilations=dil,
+                group=int(node.attrs.get("group", 1)))
+
+
+def taps_per_output(node: gs.Node) -> int | None:
+    """Products summed into one output of a Conv/Gemm/MatMul with a constant weight, Cin/group ·
+    prod(kernel): `conv_of(node).spec`'s weight.shape[1] · prod(kernel_shape), read off the weight's
+    shape without loading or converting its values (the cost model needs no more)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant) or w.shape is None:
+        return None
+    shape = tuple(int(d) for d in w.shape)
+    if node.op == "Conv" and len(shape) >= 2:
+        return shape[1] * math.prod(shape[2:])
+    if node.op == "Gemm" and len(shape) == 2:
+        return shape[1] if int(node.attrs.get("transB", 0)) else shape[0]
+    if node.op == "MatMul" and len(shape) == 2:
+        return shape[0]
+    return None
 
 
 def same_pads(spatial, kernel, strides, dilations, upper: bool) -> tuple[int, ...]:

@@ -10,6 +10,10 @@ followed by BatchNorm1d (RepViT/LeViT heads) is the rank-0 case.
 
 Declines when the weight is not constant or is shared, when the conv output has another reader
 or is a graph output, or when the BN uses batch statistics (training_mode=1).
+
+Leaves a Conv → affine alone when it is one branch of a sum or Concat that merge_linear_regions,
+later in the same sweep, is sure to fold (merge_linear_regions.takes_branch): the block is then
+folded from the original weights in one float64 pass instead of two.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
 from onnxrep.engine import Rewrite, Rule
+
+from .merge_linear_regions import MergeLinearRegions, takes_branch
 
 LINEAR_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -34,6 +40,8 @@ class FuseConvBn(Rule):
             if up is not None and up.op in LINEAR_PRODUCERS and G.const(t) is None:
                 if node.op != "BatchNormalization" and not any(G.const(o) is not None for o in node.inputs):
                     return None
+                if ctx.runs_after(self.name, MergeLinearRegions.name) and takes_branch(ctx.graph, up, node):
+                    return None  # a branch of a block merge_linear_regions folds whole, later in this sweep
                 return node, up, t
         return None
 

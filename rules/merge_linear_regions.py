@@ -41,6 +41,9 @@ from onnxrep import linear as L
 from onnxrep.engine import Rewrite, Rule
 
 SUM_OPS = ("Add", "Sub", "Sum")
+# every op Walker.form goes through; any other producer makes its output a leaf
+WALKED_OPS = frozenset(SUM_OPS + ("Mul", "Div", "BatchNormalization", "Conv", "Gemm", "MatMul", "AveragePool",
+                                  "Pad", "Concat", "Split", "Slice"))
 MAX_DEPTH = 64
 # Bias residue accepted as zero when a border fill equals the bias up to rounding.
 BORDER_RTOL = 1e-6
@@ -70,15 +73,10 @@ class Walker:
 
     # -- leaves ----------------------------------------------------------------------------------
     def leaf(self, t: gs.Tensor) -> Form:
-        shape = t.shape
-        if shape is None or len(shape) < 2 or not isinstance(shape[1], (int, np.integer)):
-            raise NotLinear(f"channel count of '{t.name}' is unknown")
-        if int(shape[1]) == 0:
-            raise NotLinear(f"'{t.name}' has no channels")
-        dt = G.dtype_of(t)
-        if dt is not None and not np.issubdtype(dt, np.floating):
-            raise NotLinear(f"'{t.name}' is not floating point")
-        return Form(t, K.identity(int(shape[1]), len(shape) - 2), [])
+        reason = _not_a_source(t)
+        if reason:
+            raise NotLinear(reason)
+        return Form(t, K.identity(int(t.shape[1]), len(t.shape) - 2), [])
 
     def operand(self, t: gs.Tensor, reader: gs.Node, depth: int) -> Form:
         """Form of an operand of `reader`: walk through it only when reader is its sole user."""
@@ -197,6 +195,19 @@ class Walker:
         return Form(inner.source, spec, inner.nodes + [node])
 
 
+def _not_a_source(t: gs.Tensor) -> str | None:
+    """Why a region cannot read `t` as its source, or None."""
+    shape = t.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], (int, np.integer)):
+        return f"channel count of '{t.name}' is unknown"
+    if int(shape[1]) == 0:
+        return f"'{t.name}' has no channels"
+    dt = G.dtype_of(t)
+    if dt is not None and not np.issubdtype(dt, np.floating):
+        return f"'{t.name}' is not floating point"
+    return None
+
+
 def _channel_range(node, t, shape) -> tuple[int, int]:
     r = len(shape)
     if node.op == "Split":
@@ -244,6 +255,18 @@ def _consts(node):
             yield float(np.abs(v).max())
 
 
+def _may_grow(graph, node) -> bool:
+    """Whether the walk from `node` can take in a second op: some input of it is private to it and
+    made by an op the walk goes through. Without one the region is `node` alone, whatever the
+    weights are, so this structural test spares reading them (a merged Conv is an anchor again in
+    the next sweep)."""
+    for t in node.inputs:
+        up = G.producer(t)
+        if up is not None and up.op in WALKED_OPS and G.private_to(graph, t, node):
+            return True
+    return False
+
+
 def _union(lists) -> list:
     seen, out = set(), []
     for lst in lists:
@@ -270,12 +293,31 @@ def node_cost(n: gs.Node) -> int:
     moved = out + sum(_numel(t) for t in n.inputs if not isinstance(t, gs.Constant) and t.shape is not None)
     macs = out
     if n.op in ("Conv", "Gemm", "MatMul"):
-        lin = L.conv_of(n)
-        if lin:
-            macs = out * lin.spec.weight.shape[1] * math.prod(lin.spec.kernel_shape)
+        taps = L.taps_per_output(n)
+        if taps is not None:
+            macs = out * taps
     elif n.op == "AveragePool":
         macs = out * math.prod(n.attrs.get("kernel_shape", [1]))
     return macs + moved
+
+
+def region_cost(nodes) -> int:
+    """Cost of a region's ops (walk order: producers first) as deployed without this rule: a
+    per-channel affine right after a Conv/Gemm/MatMul, or after such an affine, folds into that
+    conv on its own (fuse_conv_bn, or this rule on the pair), so it costs nothing. The merge
+    decision is then the same whether fuse_conv_bn ran first or left the pair to this rule."""
+    inside = {id(n) for n in nodes}
+    folded: set[int] = set()
+    total = 0
+    for n in nodes:
+        if n.op in L.AFFINE_OPS:
+            aff = L.affine_of(n)
+            up = G.producer(aff.x) if aff else None
+            if up is not None and id(up) in inside and (up.op in L.CONV_OPS or id(up) in folded):
+                folded.add(id(n))
+                continue
+        total += node_cost(n)
+    return total
 
 
 def merged_cost(spec: K.ConvSpec, source: gs.Tensor, out: gs.Tensor) -> int:
@@ -290,6 +332,7 @@ class Region:
     out: gs.Tensor
     form: Form | None
     why_not: str | None = None  # a sum/concat whose branches do not merge: the reason
+    final: K.ConvSpec | None = None  # form.spec as it will be written (_final), once computed
 
 
 class MergeLinearRegions(Rule):
@@ -302,6 +345,8 @@ class MergeLinearRegions(Rule):
         out = node.outputs[0]
         if not out.shape:
             return None
+        if node.op not in SUM_OPS + ("Concat",) and not _may_grow(ctx.graph, node):
+            return None  # a region of one op: skip the walk (it would read the weights in float64)
         walker = Walker(ctx.graph)
         try:
             form = walker.form(out)
@@ -321,11 +366,11 @@ class MergeLinearRegions(Rule):
         reason = _escapes(ctx.graph, form.nodes, region.out)
         if reason:
             return reason
-        return self._cost(form.spec, form.source, region.out, form.nodes, ctx)
+        region.final = _final(form.spec)
+        return self._cost(region.final, form.source, region.out, form.nodes, ctx)
 
     def _cost(self, spec, source, out, nodes, ctx):
-        spec = _final(spec)
-        before = sum(node_cost(n) for n in nodes)
+        before = region_cost(nodes)
         after = merged_cost(spec, source, out)
         if after > before and not ctx.options.aggressive:
             return f"merged conv would cost more ({after:,} vs {before:,} MACs+elements moved); --aggressive merges anyway"
@@ -333,10 +378,38 @@ class MergeLinearRegions(Rule):
 
     def rewrite(self, region: Region, ctx):
         form = region.form
-        spec = _final(form.spec)
+        spec = region.final if region.final is not None else _final(form.spec)
         dtype = L.data_dtype(*[t for n in form.nodes for t in n.inputs[1:]], region.out)
         return L.replace_with_conv(ctx.graph, spec, form.source, region.out, form.nodes, dtype,
                                    f"{len(form.nodes)} ops → {_describe(spec)}")
+
+
+def takes_branch(graph: gs.Graph, conv: gs.Node, affine: gs.Node) -> bool:
+    """Whether this rule, applied later in the same sweep, is sure to fold `conv` → `affine` (a
+    Conv and a per-channel affine reading its private output) when the affine is one branch of a
+    sum or Concat. fuse_conv_bn then leaves the pair alone: folding it first would have this rule
+    read the folded kernel back in float64, two passes over each kernel where one does.
+
+    Sure, because no walk can leave the pair half in: the affine's output is private to the join
+    and its shape known; the conv's input is where every walk through the conv stops (read by
+    others too, or a graph input) and is a valid source; conv_of can express the conv. So the
+    walk from the affine's own anchor is exactly {conv, affine}, which merges whenever the region
+    at the join is declined: one conv costs no more than the conv with its (free) affine."""
+    out = affine.outputs[0]
+    if conv.op != "Conv" or not out.shape or G.is_graph_output(graph, out) or len(out.outputs) != 1:
+        return False
+    join = out.outputs[0]
+    if not (join.op == "Concat" or (join.op in SUM_OPS and all(G.const(t) is None for t in join.inputs))):
+        return False
+    mid = conv.outputs[0]
+    if mid.shape is None or tuple(mid.shape) != tuple(out.shape) or not G.private_to(graph, mid, affine):
+        return False
+    x, w = conv.inputs[0], conv.inputs[1] if len(conv.inputs) > 1 else None
+    if G.producer(x) is not None and G.private_to(graph, x, conv):
+        return False  # a walk goes on above the conv, and that longer region may be declined
+    if _not_a_source(x) or not isinstance(w, gs.Constant) or w.shape is None:
+        return False
+    return bool(L.conv_geometry(conv, tuple(w.shape)))
 
 
 def _final(spec: K.ConvSpec) -> K.ConvSpec:

@@ -122,3 +122,18 @@ def test_model_identity_is_kept():
     assert {p.key: p.value for p in out.metadata_props} == {"author": "tests", "license": "MIT"}
     for a, b in ((out.graph.input, model.graph.input), (out.graph.output, model.graph.output)):
         assert [(v.name, v.type.tensor_type.elem_type) for v in a] == [(v.name, v.type.tensor_type.elem_type) for v in b]
+
+
+def test_context_knows_the_sweep_order():
+    """run() records the rules it applies, so a rule can tell whether another sees a match it
+    leaves alone later in the same sweep."""
+    rules = E.select_rules()
+    g = _graph(_model())
+    ctx = E.run(g, rules, E.Context(g))
+    assert ctx.rules == tuple(r.name for r in rules)
+    assert ctx.runs_after("fuse_conv_bn", "merge_linear_regions")
+    assert not ctx.runs_after("merge_linear_regions", "fuse_conv_bn")
+    g = _graph(_model())
+    ctx = E.run(g, E.select_rules(skip=["merge_linear_regions"]), E.Context(g))
+    assert not ctx.runs_after("fuse_conv_bn", "merge_linear_regions")
+    assert not E.Context(g).runs_after("fuse_conv_bn", "merge_linear_regions")

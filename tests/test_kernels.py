@@ -863,6 +863,49 @@ def test_sparsest_group_keeps_dense_and_grouped(rng):
     assert K.sparsest_group(fc) is fc
 
 
+@pytest.mark.parametrize("row", [0, 5, 11], ids=["first", "middle", "last"])
+def test_sparsest_group_sees_an_off_diagonal_tap_in_any_row(rng, row):
+    """sparsest_group: one tap off the block diagonal, in the first, a middle or the last output
+    row, keeps the kernel dense (group 1), never a wrong grouping; without it 3 blocks of a 12×12
+    kernel (gcd 12, smallest divisor 2) come back as group 3."""
+    blocks = [ConvSpec(rng.standard_normal((4, 4, 3, 3)), None) for _ in range(3)]
+    dense = K.regroup(K.block_diagonal(blocks), 1)
+    assert K.sparsest_group(dense).group == 3
+    col = 11 if row < 8 else 0  # an input of another block
+    dense.weight[row, col, 1, 1] = 0.25
+    assert K.sparsest_group(dense).group == 1
+
+
+def test_sparsest_group_odd_divisor(rng):
+    """sparsest_group with 9 channels (gcd 9, smallest divisor 3): three 3-channel blocks → group 3."""
+    blocks = [ConvSpec(rng.standard_normal((3, 3, 1, 1)), None) for _ in range(3)]
+    dense = K.regroup(K.block_diagonal(blocks), 1)
+    got = K.sparsest_group(dense)
+    assert got.group == 3
+    x = t(rng.standard_normal((BATCH, 9, 5, 5)))
+    assert_close(run(got, x), run(dense, x))
+
+
+def test_add_starts_from_a_spanning_first_term_without_aliasing_it(rng):
+    """add: when the first term spans the merged window the sum starts from a copy of it, with the
+    bits accumulation from zeros gives (−0 → +0), and never writes into the term's own arrays."""
+    w = rng.standard_normal((4, 4, 3, 3))
+    w[0, 0, 0, 0] = -0.0
+    a = ConvSpec(w, rng.standard_normal(4), pads=(1, 1, 1, 1))
+    b = ConvSpec(rng.standard_normal((4, 4, 1, 1)), rng.standard_normal(4))
+    keep_w, keep_b = a.weight.copy(), a.bias.copy()
+    got = K.add([a, b])
+    ref = np.zeros((4, 4, 3, 3))
+    ref += a.weight
+    ref[:, :, 1:2, 1:2] += b.weight
+    np.testing.assert_array_equal(got.weight, ref)
+    assert not np.signbit(got.weight[0, 0, 0, 0])
+    np.testing.assert_array_equal(got.bias, (np.zeros(4) + a.bias) + b.bias)
+    np.testing.assert_array_equal(a.weight, keep_w)
+    np.testing.assert_array_equal(a.bias, keep_b)
+    assert not np.shares_memory(got.weight, a.weight)
+
+
 def test_add_on_known_size_when_padding_does_not_nest(rng):
     """2×2 s2 p0 + 1×1 s2 p0 agree on 4×4 outputs for an 8×8 input: exact for that size only."""
     a = ConvSpec(rng.standard_normal((3, 2, 2, 2)), rng.standard_normal(3), strides=(2, 2))

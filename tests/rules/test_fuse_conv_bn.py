@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pytest
 
 from tests.helpers import (assert_equivalent, assert_idempotent, attr, declined_by, GraphBuilder,
@@ -308,6 +309,74 @@ def test_matmul_rank3_declined():
     b = GraphBuilder(41)
     x = b.input([2, 3, 6])
     declined(b.build(b.add(b.matmul(x, 6, 5), b.randn((5,)))))
+
+
+# -- branches left to merge_linear_regions -------------------------------------------------------
+def _weights(model):
+    from onnx import numpy_helper
+
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [init[i] for n in model.graph.node for i in n.input if i in init]
+
+
+def test_branch_left_to_merge_linear_regions():
+    """RepVGG block, default rules: the Conv → BN branches are not folded here first; the block is
+    merged from the original weights in one float64 pass, bit-identical to skipping this rule."""
+    b = GraphBuilder(60)
+    x = b.relu(b.input((1, 4, 8, 8)))
+    y = b.add(b.add(b.bn(b.conv(x, 4, 4, 3, bias=False), 4), b.bn(b.conv(x, 4, 4, 1, bias=False), 4)), b.bn(x, 4))
+    model = b.build(b.relu(y))
+    out, report = run_rules(model, verify=True)
+    assert ops(out) == {"Relu": 2, "Conv": 1}
+    assert report.rule_counts == {"merge_linear_regions": 1}
+    direct, _ = run_rules(model, skip=["fuse_conv_bn"])
+    for u, v in zip(_weights(out), _weights(direct), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_branch_of_declined_join_still_folds():
+    """Branches whose sum merge_linear_regions declines (they read different tensors; a dense 1×1
+    with a depthwise 3×3 would cost more) still lose their BNs in the same run."""
+    b = GraphBuilder(61)
+    x, z = b.input((1, 4, 8, 8)), b.input((1, 4, 8, 8))
+    model = b.build(b.add(b.bn(b.conv(x, 4, 4, 3), 4), b.bn(b.conv(z, 4, 4, 1), 4)))
+    out, report = run_rules(model, verify=True)
+    assert ops(out) == {"Conv": 2, "Add": 1}
+    assert report.rule_counts == {"merge_linear_regions": 2}  # each Conv → BN on its own
+    assert report.verification["ok"]
+
+    b = GraphBuilder(62)
+    x = b.relu(b.input((1, 16, 8, 8)))
+    model = b.build(b.add(b.bn(b.conv(x, 16, 16, 3, group=16), 16), b.bn(b.conv(x, 16, 16, 1), 16)))
+    out, report = run_rules(model, verify=True)
+    assert ops(out) == {"Relu": 1, "Conv": 2, "Add": 1}
+    assert report.rule_counts == {"merge_linear_regions": 2}
+    assert any("cost more" in d["reason"] for d in report.declines)
+    assert report.verification["ok"]
+
+
+def test_branch_whose_conv_input_is_walked_is_fused_here():
+    """A branch conv reading a private linear op (DBB's 1×1 → Pad → 3×3) is not left to
+    merge_linear_regions: a walk would go on above it, and that longer region may be declined."""
+    b = GraphBuilder(63)
+    x = b.relu(b.input((1, 4, 8, 8)))
+    inner = b.pad(b.conv(x, 4, 4, 1, bias=False), [0, 0, 1, 1, 0, 0, 1, 1])
+    model = b.build(b.relu(b.add(b.bn(b.conv(inner, 4, 4, 3, pad=0), 4), b.bn(b.conv(x, 4, 4, 3), 4))))
+    out, report = run_rules(model, verify=True)
+    assert report.rule_counts.get(RULE) == 1  # the 3×3 after the Pad; the other branch is left
+    assert "BatchNormalization" not in ops(out)
+    assert report.verification["ok"]
+
+
+def test_branch_fused_here_without_merge_linear_regions():
+    """Without merge_linear_regions in the run nothing is left to it: every Conv → BN folds here."""
+    b = GraphBuilder(64)
+    x = b.relu(b.input((1, 4, 8, 8)))
+    model = b.build(b.add(b.bn(b.conv(x, 4, 4, 3), 4), b.bn(b.conv(x, 4, 4, 1), 4)))
+    out, report = run_rules(model, skip=["merge_linear_regions"])
+    assert report.rule_counts == {RULE: 2}
+    assert ops(out) == {"Relu": 1, "Conv": 2, "Add": 1}
+    assert_equivalent(model, out)
 
 
 # -- idempotence ---------------------------------------------------------------------------------

@@ -569,3 +569,42 @@ def test_idempotent_split_concat():
     a, c = b.op("Split", [x, b.ints([4, 4])], n_out=2, axis=1)
     out, _ = run_rules(b.build(b.relu(b.op("Concat", [b.conv(a, 4, 4, 3), b.conv(c, 4, 4, 3)], axis=1))), RULE)
     assert_idempotent(out, RULE)
+
+
+def test_lone_op_is_not_walked(monkeypatch):
+    """A Conv or BN whose inputs come from ops the walk does not enter (Relu, a graph input) is a
+    region of one op: match skips the walk, so no weight is read or converted to float64."""
+    from onnxrep import linear as L
+
+    def boom(node):
+        raise AssertionError(f"walked into lone {node.op} {node.name}")
+
+    b, x = block(62)
+    y = b.relu(b.conv(x, 4, 4, 3))
+    model = b.build(b.bn(b.relu(b.conv(y, 4, 4, 1)), 4))
+    monkeypatch.setattr(L, "conv_of", boom)
+    monkeypatch.setattr(L, "affine_of", boom)
+    out, report = run_rules(model, RULE)
+    assert_untouched(model, out, report)
+
+
+def test_cost_uses_weight_shapes():
+    """The cost model's MACs per output (taps_per_output, from the weight's shape alone) agree with
+    the ConvSpec conv_of builds, for a grouped Conv, Gemm with transB 0 and 1, and MatMul."""
+    import onnx_graphsurgeon as gs
+
+    from onnxrep import linear as L
+
+    b = GraphBuilder(63)
+    x = b.input([1, 6, 5, 5])
+    c = b.conv(x, 6, 4, (3, 2), group=2)
+    v = b.input([1, 6])
+    heads = [b.gemm(v, 6, 3, trans_b=1), b.gemm(v, 6, 5, trans_b=0), b.matmul(v, 6, 2)]
+    graph = gs.import_onnx(b.build(c, *heads))
+    n = 0
+    for node in graph.nodes:
+        if node.op in ("Conv", "Gemm", "MatMul"):
+            spec = L.conv_of(node).spec
+            assert L.taps_per_output(node) == spec.weight.shape[1] * int(np.prod(spec.kernel_shape)), node.op
+            n += 1
+    assert n == 4
