@@ -176,12 +176,13 @@ print(json.dumps({"rc": rc, "grew": peak() - base}))
 def test_peak_memory_stays_near_one_copy(tmp_path, verify, inline):
     """`onnxrep optimize` on 64 MiB of weights, in a fresh process: the input's weights stay in
     the file until a rule reads them, the rules' results are the only copy, and the output is
-    streamed, so peak RSS grows by about the output plus one block's float64 working set: 1.5×
-    the weights. Verification adds nothing to that: ORT loads the input and the written output
-    from disk, one after the other, once the rules' arrays are dropped. An inline input is walked,
-    not parsed. Before the scale work it grew by 11.7× (gs round trips, ByteSize and
-    SerializeToString for checks and stats, a serialized ORT session per model), and by 2.6×
-    while the input was loaded whole and the output assembled in memory."""
+    streamed, so peak RSS grows by about the output plus one block's float64 working set: 1.4×
+    the weights. Verification runs once the rules' arrays are dropped, with ORT loading the input
+    and the written output from disk, one after the other: 1.4× again for external data, 1.8× for
+    an inline input, which ORT parses whole. An inline input is walked by onnxrep, not parsed.
+    Before the scale work it grew by 11.7× (gs round trips, ByteSize and SerializeToString for
+    checks and stats, a serialized ORT session per model), and by 2.6× while the input was loaded
+    whole and the output assembled in memory."""
     info = make_model(tmp_path / "m.onnx", channels=256, blocks=25, hw=4)
     w = info["weight_bytes"]
     src = tmp_path / "m.onnx"
@@ -194,7 +195,7 @@ def test_peak_memory_stays_near_one_copy(tmp_path, verify, inline):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0
     assert res["grew"] > 0.5 * w, "the measurement saw no work: the output alone is 0.9× the weights"
-    assert res["grew"] <= 1.8 * w, f"peak grew {res['grew'] / w:.2f}× the weights"
+    assert res["grew"] <= (2.1 if verify and inline else 1.7) * w, f"peak grew {res['grew'] / w:.2f}× the weights"
 
 
 def test_inline_save_above_the_protobuf_limit_is_an_output_error(small, tmp_path, monkeypatch):
