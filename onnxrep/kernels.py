@@ -134,12 +134,29 @@ def avgpool(channels: int, kernel_shape: tuple[int, ...], strides, pads) -> Conv
     return ConvSpec(w, np.zeros(channels), strides=strides, pads=pads, group=channels)
 
 
+def _reusable(w: np.ndarray, *others: np.ndarray) -> bool:
+    """Whether an `inplace` function may write its result into `w`: a writable float64 array that
+    owns its memory (never a read-only graph constant or a view of one) and overlaps no other
+    operand of the same call."""
+    return (w.dtype == np.float64 and w.flags.writeable and w.flags.owndata and w.flags.c_contiguous
+            and not any(np.may_share_memory(w, o) for o in others))
+
+
 # -- per-channel affine on either side -----------------------------------------------------------
-def affine_after(spec: ConvSpec, scale, shift) -> ConvSpec:
-    """a ⊙ conv(x) + c: scale output channels (Conv→BN, Conv→Mul/Add, layer scale)."""
+def affine_after(spec: ConvSpec, scale, shift, inplace: bool = False) -> ConvSpec:
+    """a ⊙ conv(x) + c: scale output channels (Conv→BN, Conv→Mul/Add, layer scale).
+
+    inplace=True: the caller gives `spec` up, and its weight is scaled where it lies when it is
+    an array of its own (see _reusable): on large kernels each fresh float64 array costs more in
+    page faults than the multiply itself."""
     a = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (spec.cout,))
     c = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (spec.cout,))
-    w = spec.weight * a.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
+    a_w = a.reshape((-1,) + (1,) * (spec.weight.ndim - 1))
+    if inplace and _reusable(spec.weight):
+        w = spec.weight
+        w *= a_w
+    else:
+        w = spec.weight * a_w
     return replace(spec, weight=w, bias=spec.bias * a + c)
 
 
@@ -304,11 +321,14 @@ def _adopt_dilation(spec: ConvSpec, specs: list[ConvSpec]) -> ConvSpec:
     return spec if tuple(dil) == spec.dilations else replace(spec, dilations=tuple(dil))
 
 
-def add(specs: list[ConvSpec], spatial: tuple[int, ...] | None = None) -> ConvSpec:
+def add(specs: list[ConvSpec], spatial: tuple[int, ...] | None = None, inplace: bool = False) -> ConvSpec:
     """Sum of convs on the same input: embed each kernel at its offset in the largest window, bring
     all to the coarsest common group, add kernels and biases.
 
     Example: 3×3 pad 1 + 1×3 pad (0,1) + 3×1 pad (1,0) + identity → one 3×3 pad 1.
+
+    inplace=True: the caller gives `specs` up; a first term that spans the window accumulates
+    the others in its own weight when it may (see _reusable and affine_after).
     """
     if not specs:
         raise ValueError("add() needs at least one term")
@@ -317,12 +337,13 @@ def add(specs: list[ConvSpec], spatial: tuple[int, ...] | None = None) -> ConvSp
         raise NotMergeable("terms have different output channel counts")
     g = reduce(math.gcd, (s.group for s in specs))
     w = b = None
-    for s, off in zip(specs, offsets):
+    for i, (s, off) in enumerate(zip(specs, offsets)):
         s = regroup(s, g)
         if w is None and s.kernel_shape == kernel:
             # the first term spans the window: start from it rather than from zeros (one pass over
             # the kernel, not two); + 0.0 gives the very bits 0 + W would (−0 becomes +0)
-            w, b = s.weight + 0.0, s.bias + 0.0
+            own = inplace and _reusable(s.weight, *(t.weight for j, t in enumerate(specs) if j != i))
+            w, b = (s.weight if own else s.weight + 0.0), s.bias + 0.0
             continue
         if w is None:
             w, b = np.zeros((specs[0].cout, specs[0].cin // g) + kernel), np.zeros(specs[0].cout)

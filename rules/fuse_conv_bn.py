@@ -102,7 +102,7 @@ def _rescale_in_place(ctx, node, up, aff, dtype):
     group = int(up.attrs.get("group", 1))
     a, c = aff.broadcast(_out_channels(up))
     if up.op == "Conv":
-        scaled = K.affine_after(K.ConvSpec(w, b, group=group), a, c)
+        scaled = K.affine_after(K.ConvSpec(w, b, group=group), a, c, inplace=True)  # a float64 copy of w
         w2, b2 = scaled.weight, scaled.bias
     else:
         w2, b2 = K.affine_after_transposed(w, b, group, a, c)

@@ -122,7 +122,8 @@ class Walker:
         if aff.scale.size not in (1, inner.spec.cout) or aff.shift.size not in (1, inner.spec.cout):
             raise NotLinear("affine channel count mismatch")
         a, c = aff.broadcast(inner.spec.cout)
-        return Form(inner.source, K.affine_after(inner.spec, a, c), inner.nodes + [node])
+        # inplace: the walk made inner's spec and hands it on; the kernel is scaled where it lies
+        return Form(inner.source, K.affine_after(inner.spec, a, c, inplace=True), inner.nodes + [node])
 
     def _compose(self, node, lin: L.LinearOp, depth) -> Form:
         inner = self.operand(lin.x, node, depth)
@@ -144,9 +145,9 @@ class Walker:
         if len(sources) != 1:
             names = ", ".join(sorted({f"'{f.source.name}'" for f, _ in terms}))
             raise NotLinear(f"terms of the sum read different tensors ({names})")
-        specs = [f.spec if sign > 0 else K.affine_after(f.spec, -1.0, 0.0) for f, sign in terms]
-        try:
-            spec = K.add(specs, G.spatial_shape(terms[0][0].source))
+        specs = [f.spec if sign > 0 else K.affine_after(f.spec, -1.0, 0.0, inplace=True) for f, sign in terms]
+        try:  # inplace: the terms' specs are the walk's own, used only here
+            spec = K.add(specs, G.spatial_shape(terms[0][0].source), inplace=True)
         except K.NotMergeable as e:
             raise NotLinear(str(e)) from e
         return Form(terms[0][0].source, spec, _union([f.nodes for f, _ in terms]) + [node])

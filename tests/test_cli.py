@@ -330,8 +330,8 @@ def test_verification_failure_exits_4_and_names_the_rule(capfd, tmp_path, monkey
     from onnxrep import kernels as K
     from onnxrep.rules import fuse_conv_bn as rule_module
 
-    def broken(spec, scale, shift):
-        res = K.affine_after(spec, scale, shift)
+    def broken(spec, scale, shift, **kw):
+        res = K.affine_after(spec, scale, shift, **kw)
         res.bias = res.bias + 0.5
         return res
 

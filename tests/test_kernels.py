@@ -906,6 +906,43 @@ def test_add_starts_from_a_spanning_first_term_without_aliasing_it(rng):
     assert not np.shares_memory(got.weight, a.weight)
 
 
+def test_inplace_reuses_only_arrays_a_caller_gave_up(rng):
+    """affine_after/add with inplace=True compute the same values as without it; they write into a
+    term's weight only when it is a writable float64 array of its own, never into a read-only
+    constant (a graph weight), a view, or an array another operand shares."""
+    w = rng.standard_normal((4, 4, 3, 3))
+    a, c = rng.standard_normal(4), rng.standard_normal(4)
+    want = K.affine_after(ConvSpec(w.copy(), None, pads=(1, 1, 1, 1)), a, c)
+    own = ConvSpec(w.copy(), None, pads=(1, 1, 1, 1))
+    got = K.affine_after(own, a, c, inplace=True)
+    np.testing.assert_array_equal(got.weight, want.weight)
+    np.testing.assert_array_equal(got.bias, want.bias)
+    assert got.weight is own.weight  # scaled where it lay
+
+    frozen = w.copy()
+    frozen.flags.writeable = False  # as graph.const hands out weights
+    kept = frozen.copy()
+    spec = ConvSpec(frozen, None, pads=(1, 1, 1, 1))
+    assert spec.weight is frozen
+    got = K.affine_after(spec, a, c, inplace=True)
+    np.testing.assert_array_equal(frozen, kept)
+    np.testing.assert_array_equal(got.weight, want.weight)
+    view = ConvSpec(w.copy()[:, :, :, :], None, pads=(1, 1, 1, 1))
+    view = replace(view, weight=view.weight[::1])  # a view: not its own memory
+    assert K.affine_after(view, a, c, inplace=True).weight is not view.weight
+
+    one = ConvSpec(rng.standard_normal((4, 4, 1, 1)), rng.standard_normal(4))
+    base = ConvSpec(w.copy(), rng.standard_normal(4), pads=(1, 1, 1, 1))
+    want = K.add([base, one])
+    got = K.add([base, one], inplace=True)
+    np.testing.assert_array_equal(got.weight, want.weight)
+    assert got.weight is base.weight
+    # the same array as two terms: it must not be accumulated into while it is still being read
+    twice = ConvSpec(w.copy(), None, pads=(1, 1, 1, 1))
+    got = K.add([twice, twice, twice], inplace=True)
+    np.testing.assert_allclose(got.weight, 3 * w, rtol=1e-15)
+
+
 def test_add_on_known_size_when_padding_does_not_nest(rng):
     """2×2 s2 p0 + 1×1 s2 p0 agree on 4×4 outputs for an 8×8 input: exact for that size only."""
     a = ConvSpec(rng.standard_normal((3, 2, 2, 2)), rng.standard_normal(3), strides=(2, 2))
