@@ -114,6 +114,7 @@ def cmd_optimize(args) -> int:
         args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
         rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=shapes,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
+        also_writes=(args.report,) if args.report else (),
     )
     report.input = args.input
     if args.report:

@@ -1,8 +1,9 @@
 """Loading and saving models: clear errors in, atomic writes out.
 
-The input file is only ever opened for reading. The output is written into a temporary directory
-beside its destination and moved into place with os.replace, so a reader never sees half a file and
-a failure leaves nothing behind.
+The input file is only ever opened for reading, and its weights are left in it (open_model gives
+a LeanModel). The output is streamed into a temporary directory beside its destination, checked
+there by the caller if it wishes (save_model's before_commit), and moved into place with
+os.replace, so a reader never sees half a file and a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def open_model(path: str | os.PathLike, check: bool = True, info: dict | None = 
 
     The main graph's initializers of PAYLOAD_MIN bytes or more stay where they are, inline in the
     .onnx file (found by walking the protobuf wire format) or in its external data files, and are
-    read when a rule or ONNX Runtime needs them (see LeanModel). Nothing else is read twice.
-    `info`, when given, receives {'external_data': bool, 'file_bytes': int}."""
+    read when a rule or ONNX Runtime needs them (see LeanModel): opening costs a few KB of memory
+    whatever the model's size. `info`, when given, receives {'external_data': bool,
+    'file_bytes': int, 'files': [the model file and its external data files, resolved]}."""
     p = Path(path)
     if not p.exists():
         if p.is_symlink():
@@ -66,11 +68,12 @@ def open_model(path: str | os.PathLike, check: bool = True, info: dict | None = 
         raise InputError(f"not an ONNX model (no graph or IR version): {p}")
     external = _has_external_data(model)
     if info is not None:
+        data = {_resolve(p.parent / e.value) for t in onnx.external_data_helper._get_all_tensors(model)
+                for e in t.external_data if e.key == "location" and e.value != STRIPPED}
+        data = {f for f in data if f.is_file()}
         info["external_data"] = external
-        info["file_bytes"] = p.stat().st_size + sum(
-            f.stat().st_size for f in {p.parent / e.value for t in onnx.external_data_helper._get_all_tensors(model)
-                                       for e in t.external_data if e.key == "location" and e.value != STRIPPED}
-            if f.is_file())
+        info["file_bytes"] = p.stat().st_size + sum(f.stat().st_size for f in data)
+        info["files"] = [_resolve(p)] + sorted(data)
     if external:
         _resolve_external(lean, p)
     if check:
@@ -235,6 +238,17 @@ def run_checker(light: onnx.ModelProto, full_check: bool = True) -> None:
         with open(path, "wb") as f:
             f.write(light.SerializeToString())
         onnx.checker.check_model(path, full_check=full_check)
+
+
+def check_not_input(input_files: list[Path], output_path: str | os.PathLike, *others) -> None:
+    """Refuse an output whose model file, external data file (OUTPUT.data) or other file the
+    caller will write (`others`, e.g. a report) is one of the input's files (see open_model's
+    `info`): writing it would overwrite the input's weights."""
+    out = Path(output_path)
+    for name in (out, out.with_name(out.name + ".data"), *map(Path, others)):
+        if _resolve(name) in input_files:
+            raise UsageError(f"{name} is one of the input's files: writing it would overwrite the input "
+                             "(onnxrep never modifies its input)")
 
 
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ from . import engine as E
 from . import graph as G
 from . import stats, verify as V
 from .errors import InputError, OnnxrepError, UsageError, VerificationError
-from .io import check_model, check_output_path, open_model, run_checker, save_model
+from .io import check_model, check_not_input, check_output_path, open_model, run_checker, save_model
 from .lean import LeanModel, point_stub, without_payload
 
 log = logging.getLogger("onnxrep")
@@ -206,18 +206,21 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
 
 
 def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_data: str | bool = "auto",
-                  **options) -> Report:
+                  also_writes: tuple = (), **options) -> Report:
     """Optimize the model file `src` into `dst`, as `onnxrep optimize` does, without ever holding
     a whole model in memory: weights are read from `src` when a rule or the verification needs
     them, and the output is streamed to `dst` (written atomically; `src` is never modified).
     external_data: "auto" (external when the input's weights were, or above 1 GB), True, False.
-    `options` are optimize()'s. Returns the report; report.written lists the files."""
+    also_writes: other paths the caller will write (a report), refused like `dst` if they are one
+    of the input's files. `options` are optimize()'s. Returns the report; report.written lists
+    the files."""
     check_output_path(src, dst)
     if external_data not in ("auto", True, False):
         raise UsageError(f"external_data must be 'auto', True or False, not {external_data!r}")
     verify = options.pop("verify", True)
     info: dict = {}
     lean = open_model(src, info=info)
+    check_not_input(info["files"], dst, *also_writes)
     rewritten, report = reparameterize(lean, verify=False, **options)
     report.input = str(src)
     report.before["file_bytes"] = info.get("file_bytes")

@@ -221,3 +221,20 @@ def test_optimize_file_api(tmp_path):
         onnxrep.optimize_file(info["path"], tmp_path / "x.onnx", external_data="yes")
     with pytest.raises(onnxrep.UsageError, match="is the input"):
         onnxrep.optimize_file(info["path"], info["path"])
+
+
+def test_output_that_would_overwrite_the_inputs_weights_is_refused(tmp_path):
+    """An input whose external data file is named what the output's would be (OUTPUT.data), an
+    output named like the input's data file, or a --report there: exit 2, nothing written, the
+    input untouched."""
+    model = _repvgg()
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="out.onnx.data")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out in ("out.onnx", "out.onnx.data"):
+        with pytest.raises(onnxrep.UsageError, match="overwrite the input"):
+            onnxrep.optimize_file(src, tmp_path / out)
+        assert cli.main(["optimize", str(src), str(tmp_path / out), "-q"]) == 2
+    # a report written over the input's weights
+    assert cli.main(["optimize", str(src), str(tmp_path / "x.onnx"), "-q", "--report", str(tmp_path / "out.onnx.data")]) == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
