@@ -266,3 +266,15 @@ def assert_idempotent(optimized: onnx.ModelProto, *rules: str, **kw) -> None:
     assert report.rule_counts == {}, report.rule_counts
     assert ops(again) == ops(optimized)
     assert node_names(again) == node_names(optimized)
+
+
+def without_default_locations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with each tensor's data_location left unset where it says DEFAULT: the
+    field is optional, and a reader that fills a tensor in cannot know whether the file spelled
+    the default out. Compare models read different ways through this."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in onnx.external_data_helper._get_all_tensors(m):
+        if t.data_location == TensorProto.DEFAULT:
+            t.ClearField("data_location")
+    return m

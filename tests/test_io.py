@@ -20,18 +20,8 @@ import onnxrep
 from onnxrep import cli, io, lean, wire
 from onnxrep.errors import InputError
 from tests.helpers import GraphBuilder, run_model
+from tests.helpers import without_default_locations as _normal
 from tools.make_large_model import make_model
-
-
-def _normal(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with every tensor's data_location left unset where it says DEFAULT: the field is
-    optional, and filling a stub cannot know whether the file spelled the default out."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in onnx.external_data_helper._get_all_tensors(m):
-        if t.data_location == TensorProto.DEFAULT:
-            t.ClearField("data_location")
-    return m
 
 
 def _repvgg(seed: int = 0, dtype=np.float32) -> onnx.ModelProto:
