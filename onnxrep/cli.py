@@ -193,7 +193,8 @@ def format_report(report, explain: bool = False) -> str:
     else:
         shapes = ", ".join(f"{k}{tuple(s)}" for k, s in v["input_shapes"].items())
         out.append(f"verification: max relative error {v['max_rel_error']:.2e} on {shapes} (ONNX Runtime, optimizations off)")
-    out.append(f"time: {report.seconds:.2f} s")
+    verify_s = f" (verification {v['seconds']:.2f} s)" if v and v.get("seconds") is not None else ""
+    out.append(f"time: {report.seconds:.2f} s{verify_s}")
     for n in report.notes:
         out.append(f"note: {n}")
     if explain:
