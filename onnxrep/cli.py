@@ -100,17 +100,10 @@ def cmd_rules(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    from .io import check_output_path
     from .optimizer import optimize_file, parse_input_shapes
 
     shapes = parse_input_shapes([s for group in args.input_shape for s in group])
-    check_output_path(args.input, args.output)
-    if args.report:
-        check_output_path(args.input, args.report)
-        report = Path(args.report).resolve()
-        if report in (Path(args.output).resolve(), Path(args.output + ".data").resolve()):
-            raise UsageError(f"--report {args.report} would overwrite the output model")
-    report = optimize_file(
+    report = optimize_file(  # checks the output and report paths before it reads anything
         args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
         rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=shapes,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import onnx
@@ -211,10 +212,14 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_da
     a whole model in memory: weights are read from `src` when a rule or the verification needs
     them, and the output is streamed to `dst` (written atomically; `src` is never modified).
     external_data: "auto" (external when the input's weights were, or above 1 GB), True, False.
-    also_writes: other paths the caller will write (a report), refused like `dst` if they are one
-    of the input's files. `options` are optimize()'s. Returns the report; report.written lists
+    also_writes: other paths the caller will write (a report), checked like `dst` and refused if
+    they would overwrite it. `options` are optimize()'s. Returns the report; report.written lists
     the files."""
     check_output_path(src, dst)
+    for extra in also_writes:
+        check_output_path(src, extra)
+        if Path(extra).resolve() in (Path(dst).resolve(), Path(str(dst) + ".data").resolve()):
+            raise UsageError(f"{extra} would overwrite the output model")
     if external_data not in ("auto", True, False):
         raise UsageError(f"external_data must be 'auto', True or False, not {external_data!r}")
     verify = options.pop("verify", True)
