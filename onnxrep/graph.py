@@ -63,6 +63,29 @@ def lazy(t: onnx.TensorProto) -> LazyValues:
     return DiskValues(t) if on_disk(t) is not None else LazyValues(t)
 
 
+def read_folded_weights(graph: gs.Graph) -> None:
+    """Read the on-disk weights that constant folding will compute with (inputs of nodes whose
+    inputs are all constant, or computed from constants only). graphsurgeon folds by exporting
+    that subgraph to ONNX Runtime with the LazyValues' tensors as they are, and ORT refuses an
+    on-disk payload's absolute external-data path: the fold would silently not happen. Read like
+    `const` reads (release_loaded returns the ones no rule changed to the file)."""
+    constant = {id(t) for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    folded: set[int] = set()
+    grew = True
+    while grew:
+        grew = False
+        for n in graph.nodes:
+            if id(n) not in folded and n.inputs and all(id(t) in constant for t in n.inputs if t.name):
+                folded.add(id(n))
+                constant.update(id(t) for t in n.outputs)
+                grew = True
+    for n in graph.nodes:
+        if id(n) in folded:
+            for t in n.inputs:
+                if isinstance(t, gs.Constant) and isinstance(t._values, DiskValues):
+                    const(t)
+
+
 def attach_payloads(graph: gs.Graph, sources: list[onnx.TensorProto]) -> None:
     """Point the graph's stub constants (imported from a without_payload copy whose stubs carry an
     index into `sources`) at the real tensors, without reading them."""

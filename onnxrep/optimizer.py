@@ -139,6 +139,7 @@ def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def fold_constants(graph) -> None:
     G.quiet_onnxruntime()
+    G.read_folded_weights(graph)
     try:
         graph.fold_constants(fold_shapes=True, error_ok=True)
     except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is

@@ -228,3 +228,32 @@ def test_output_that_would_overwrite_the_inputs_weights_is_refused(tmp_path):
     # a report written over the input's weights
     assert cli.main(["optimize", str(src), str(tmp_path / "x.onnx"), "-q", "--report", str(tmp_path / "out.onnx.data")]) == 2
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_weights_computed_from_on_disk_tensors_fold(tmp_path, external):
+    """A conv weight computed in the graph (Mul of two initializers, as DO-Conv/OREPA exports do)
+    from tensors still on disk: constant folding reads them through onnxrep (graph.DiskValues),
+    never graphsurgeon's own external-data loader, and the block folds to one Conv."""
+    rng = np.random.default_rng(0)
+    a = numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "a")
+    b = numpy_helper.from_array(rng.uniform(0.5, 1.5, (8, 8, 3, 3)).astype(np.float32), "b")
+    bn = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+          (("g", rng.uniform(0.5, 2, 8)), ("be", rng.standard_normal(8)), ("m", rng.standard_normal(8)),
+           ("v", rng.uniform(0.5, 2, 8)))]
+    nodes = [helper.make_node("Mul", ["a", "b"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["y", "g", "be", "m", "v"], ["out"])]
+    graph = helper.make_graph(nodes, "computed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 6, 6])], [a, b, *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src), save_as_external_data=external, size_threshold=1024)
+    assert len(io.open_model(src).payloads) == 2  # a and b stay on disk
+    report = onnxrep.optimize_file(src, tmp_path / "out.onnx")
+    assert report.verification["ok"]
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    x = {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+    want, got = run_model(onnx.load(str(src)), x)["out"], run_model(out, x)["out"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
