@@ -1,4 +1,5 @@
 """onnxrep: structural re-parameterization of ONNX graphs."""
+from . import _source_tree  # noqa: F401  (onnxrep.rules from a checkout; first, before any rule import)
 from .errors import InputError, OnnxrepError, OutputError, UsageError, VerificationError
 from .optimizer import Report, optimize, optimize_file
 

@@ -43,6 +43,7 @@ from .bench_metrics import latency_stats
 from .bench_worker import OPT_LEVELS, first_line
 from .errors import InputError, OutputError, UsageError
 from .io import check_model, check_output_path, load_model
+from .shapes import from_api, parse_specs
 
 SCHEMA_VERSION = 1
 
@@ -100,9 +101,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"untimed runs per model before timing (default {DEFAULT_WARMUP})")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="N",
                    help=f"timed runs per model, provider and batch (default {DEFAULT_RUNS})")
-    p.add_argument("--input-shape", action="append", nargs="+", default=[], metavar="NAME:D1,D2,...",
-                   help="shape of an input with dynamic axes, e.g. input:1,3,224,224 (repeatable; the NAME: "
-                        "prefix may be left out for a single-input model); its first axis is the default batch")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                   help="shape of an input with dynamic axes, e.g. input:1,3,224,224 (repeatable, as for "
+                        "optimize); its first axis is the default batch")
     p.add_argument("--data", metavar="INPUTS.npz",
                    help="inputs for agreement/accuracy (and timing): .npz with one array per input name "
                         "(a single array for a single-input model, .npy too), samples along axis 0")
@@ -138,7 +139,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     providers = _parse_providers(args.providers)
     batches = _parse_batches(args.batch) if args.batch is not None else None
-    shapes = parse_input_shapes([s for group in (args.input_shape or []) for s in group])
+    shapes = parse_specs(args.input_shape or [])
     if args.plot:
         _require_matplotlib()
     for out in (args.json, args.plot):
@@ -209,26 +210,6 @@ def _parse_batches(spec: str | Iterable[int]) -> list[int]:
     if not out:
         raise UsageError("--batch is empty")
     return list(dict.fromkeys(out))
-
-
-def parse_input_shapes(specs: Iterable[str]) -> dict[str | None, list[int]]:
-    """['x:1,3,224,224', ...] -> {'x': [1, 3, 224, 224]}; a spec without 'NAME:' is keyed None."""
-    shapes: dict[str | None, list[int]] = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition(":")
-        key = name if sep else None
-        if sep and not name:
-            raise UsageError(f"--input-shape: empty input name in {spec!r} (expected NAME:D1,D2,...)")
-        try:
-            values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
-        except ValueError:
-            raise UsageError(f"--input-shape: cannot parse {spec!r} (expected NAME:D1,D2,..., e.g. input:1,3,224,224)") from None
-        if any(v < 1 for v in values):
-            raise UsageError(f"--input-shape: dimensions must be >= 1 in {spec!r}")
-        if key in shapes:
-            raise UsageError(f"--input-shape given twice for {key or 'the input'}")
-        shapes[key] = values
-    return shapes
 
 
 def _require_matplotlib() -> None:
@@ -717,9 +698,9 @@ def bench(
         models = [models]
     providers = _parse_providers(providers)
     if isinstance(input_shapes, dict):
-        shapes = {k: list(v) for k, v in input_shapes.items()}
+        shapes = from_api(input_shapes)
     else:
-        shapes = parse_input_shapes(input_shapes or [])
+        shapes = parse_specs(input_shapes or [])
     for flag, v, lo in (("runs", runs, 1), ("warmup", warmup, 0), ("samples", samples, 1),
                         ("eval-batch", eval_batch, 1), ("calib-samples", calib_samples, 1)):
         if not isinstance(v, (int, np.integer)) or v < lo:

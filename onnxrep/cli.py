@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_rewrite_flags(o):
-    o.add_argument("--input-shape", action="append", nargs="+", default=[], metavar="NAME:D1,D2,...",
+    o.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                    help="pin an input's shape (repeatable), e.g. input:1,3,224,224; folds shape arithmetic")
     o.add_argument("--rules", type=_csv, default=None, metavar="A,B", help="apply only these rules")
     o.add_argument("--skip", type=_csv, default=[], metavar="A,B", help="do not apply these rules")
@@ -100,12 +100,13 @@ def cmd_rules(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    from .optimizer import optimize_file, parse_input_shapes
+    from .optimizer import optimize_file
+    from .shapes import parse_specs
 
-    shapes = parse_input_shapes([s for group in args.input_shape for s in group])
+    parse_specs(args.input_shape)  # usage errors before any file is touched
     report = optimize_file(  # checks the output and report paths before it reads anything
         args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
-        rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=shapes,
+        rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=args.input_shape,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
         also_writes=(args.report,) if args.report else (),
     )

@@ -12,13 +12,14 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Mapping
 from dataclasses import dataclass, field
 
 import onnx
 
 from . import engine as E
 from . import graph as G
-from . import stats, verify as V
+from . import shapes as S, stats, verify as V
 from .errors import InputError, OnnxrepError, UsageError, VerificationError
 from .io import check_model, check_not_input, check_output_path, open_model, run_checker, save_model
 from .lean import LeanModel, point_stub, without_payload
@@ -55,35 +56,11 @@ class Report:
         }
 
 
-def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
-    """['x:1,3,224,224', ...] → {'x': [1, 3, 224, 224]}."""
-    from .errors import UsageError
-
-    shapes = {}
-    for s in specs or []:
-        name, sep, dims = s.rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.split(",")]
-            if any(d <= 0 for d in shapes[name]):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"bad --input-shape '{s}': expected name:d1,d2,... with positive integers") from None
-    return shapes
-
-
 def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Write `shapes` (checked by shapes.check_against) into the model's input types."""
     names = {i.name: i for i in model.graph.input}
     for name, dims in shapes.items():
-        if name not in names:
-            raise InputError(f"--input-shape names '{name}', which is not a model input (inputs: {', '.join(names)})")
         tt = names[name].type.tensor_type
-        if tt.shape.dim and len(tt.shape.dim) != len(dims):
-            raise InputError(f"--input-shape {name} has rank {len(dims)}, the model input has rank {len(tt.shape.dim)}")
-        for d, want in zip(tt.shape.dim, dims):
-            if d.HasField("dim_value") and d.dim_value not in (0, want):
-                raise InputError(f"--input-shape {name}: dimension {d.dim_value} is static in the model, not {want}")
         del tt.shape.dim[:]
         for v in dims:
             tt.shape.dim.add().dim_value = v
@@ -267,6 +244,10 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
     if not any(True for _ in lean.proto.graph.node):
         raise InputError("model has no nodes")
+    # a dict is the API's argument (errors name input_shapes[...]); strings are the CLI's flags
+    api = input_shapes is None or isinstance(input_shapes, Mapping)
+    input_shapes = S.from_api(input_shapes)
+    S.check_against(input_shapes, S.model_inputs(lean.proto.graph.input), api=api)
     selected = E.select_rules(rules, skip, enable)
     options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
     before = stats.summarize(lean.proto, file_bytes)
