@@ -69,6 +69,11 @@ class CanonicalizeBorderFill(Rule):
         lin = L.pad_of(pad)
         if not lin:
             return lin.reason
+        symbolic = _symbolic_index_source(chain)
+        if symbolic is not None:  # before fan-out: the Shape ops reading the Pad are that fan-out
+            _hint_pin_batch(ctx)
+            return (f"ScatterND indices are computed from the symbolic shape of '{symbolic.name}' "
+                    "(legacy export with a dynamic batch): pin it with --input-shape")
         links = [pad.outputs[0]] + [n.outputs[0] for n in chain[:-1]]
         for t in links:
             reason = G.fan_out_reason(ctx.graph, t)
@@ -123,6 +128,43 @@ class CanonicalizeBorderFill(Rule):
 
 
 CHAIN_OPS = ("ScatterND", "Transpose")
+
+
+def _symbolic_index_source(chain) -> gs.Tensor | None:
+    """The tensor whose symbolic shape the chain's ScatterND indices or updates are computed from
+    (Shape → Gather → Range → ... as the legacy exporter writes a slice assignment on a dynamic
+    batch), or None. Only shape arithmetic is followed: a value computed from data is not this case."""
+    seen: set[int] = set()
+    stack = [t for n in chain if n.op == "ScatterND" for t in n.inputs[1:3] if G.const(t) is None]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        node = G.producer(t)
+        if node is None:
+            continue
+        if node.op == "Shape":
+            src = node.inputs[0]
+            if G.static_shape(src) is None:
+                return src
+            continue
+        stack.extend(i for i in node.inputs if G.const(i) is None)
+    return None
+
+
+def _hint_pin_batch(ctx) -> None:
+    """One note per run, in the summary (not only --explain): the user can fix this one."""
+    dynamic = [t for t in ctx.graph.inputs if t.shape is not None and any(not isinstance(d, int) for d in t.shape)]
+    example = ""
+    if len(dynamic) == 1 and all(isinstance(d, int) for d in dynamic[0].shape[1:]):
+        t = dynamic[0]
+        example = f" {t.name}:{','.join(['1'] + [str(d) for d in t.shape[1:]])}"
+    note = ("slice-assignment border fills (DBB / ECB-style BN-and-pad) compute their ScatterND indices from "
+            f"the symbolic batch size and stay unmerged: pin the batch with --input-shape{example} "
+            "(input_shapes= in Python; the output then has that fixed batch), or export with the dynamo exporter")
+    if note not in ctx.notes:
+        ctx.notes.append(note)
 
 
 def _replay(shape, chain) -> np.ndarray:

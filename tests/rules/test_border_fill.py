@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+import onnx
 
 from tests.helpers import (assert_equivalent, assert_idempotent, assert_untouched, declined_by,
                            GraphBuilder, ops, run_rules)
@@ -264,3 +265,44 @@ def test_idempotent():
     b, t = fill_model(40, style="sides")
     out = canonical(b.build(t), count=1)
     assert_idempotent(out, RULE)
+
+
+# -- symbolic batch (issue: the user can fix it, so say how) ---------------------------------------
+def test_symbolic_batch_slice_assignment_names_the_fix(tmp_path):
+    """Legacy export of DBB with a dynamic batch: ScatterND indices come from Shape(batch). The
+    region stays unmerged, and the summary (not only --explain) says to pin the batch; pinning it
+    gives one Conv."""
+    import subprocess
+    import sys
+
+    import models
+    from models.export import export_onnx
+
+    entry = models.ZOO["dbb_slice"]
+    src = export_onnx(entry.build(), entry.input_shape, tmp_path / "dbb.onnx", "legacy", dynamic_batch=True)
+    run = [sys.executable, "-m", "onnxrep", "optimize", str(src)]
+    out = subprocess.run(run + [str(tmp_path / "a.onnx")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stdout.splitlines() if line.startswith("note:")]
+    pin = f"--input-shape input:1,{','.join(map(str, entry.input_shape[1:]))}"
+    assert len(notes) == 1 and pin in notes[0] and "dynamo exporter" in notes[0], out.stdout
+    assert ops(onnx.load(tmp_path / "a.onnx")).get("ScatterND", 0) > 0
+
+    out = subprocess.run(run + [str(tmp_path / "b.onnx"), "--input-shape", pin.split()[1]],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "note:" not in out.stdout
+    assert ops(onnx.load(tmp_path / "b.onnx")) == {"Conv": 1}
+
+
+def test_constant_indices_give_no_batch_hint():
+    """A border fill with constant indices that is declined for another reason adds no note."""
+    b = GraphBuilder(9)
+    x = b.input([N, C, H, W])
+    t, shape = padded(b, x, (1, 1, 1, 1))
+    mask = border_mask(shape, (1, 1, 1, 1))
+    mask[0, 0, 2, 2] = True  # also writes an interior element
+    model = b.build(scatter(b, t, mask, np.ones(C)))
+    out, report = run_rules(model, RULE)
+    assert ops(out) == ops(model)
+    assert report.notes == []
