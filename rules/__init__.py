@@ -1,23 +1,35 @@
 """The rewrite rules, in the order the engine applies them within a sweep.
 
-A new rule is one module here, one test module in tests/rules/, and one line in REGISTRY.
+A new rule is one module here named after the rule (`rules/<name>.py` defining one `Rule` subclass
+whose `name` is `<name>`), one test module `tests/rules/test_<name>.py`, and one line in ORDER.
+ORDER is the only place the sweep order is written down; a rule that needs to know whether
+another runs after it asks the run (`Context.runs_after`), which follows this order.
 """
-from .border_fill import CanonicalizeBorderFill
-from .dead_channels import RemoveDeadChannels
-from .fuse_bn_conv import FuseBnConv
-from .fuse_conv_bn import FuseConvBn
-from .merge_linear_regions import MergeLinearRegions
-from .remove_identities import RemoveIdentities
-from .repmlp import FoldConvIntoFc
-from .rm_residual import RmResidual
+from __future__ import annotations
 
-REGISTRY = [
-    RemoveIdentities,
-    CanonicalizeBorderFill,
-    FuseConvBn,
-    FuseBnConv,
-    MergeLinearRegions,
-    FoldConvIntoFc,
-    RemoveDeadChannels,
-    RmResidual,
-]
+import importlib
+
+from onnxrep.engine import Rule
+
+ORDER = (
+    "remove_identities",
+    "canonicalize_border_fill",
+    "fuse_conv_bn",
+    "fuse_bn_conv",
+    "merge_linear_regions",
+    "fold_conv_into_fc",
+    "remove_dead_channels",
+    "rm_residual",
+)
+
+
+def _rule_class(name: str) -> type[Rule]:
+    module = importlib.import_module(f"{__name__}.{name}")
+    found = [c for c in vars(module).values()
+             if isinstance(c, type) and issubclass(c, Rule) and c.__module__ == module.__name__ and c.name == name]
+    if len(found) != 1:
+        raise ImportError(f"rules/{name}.py must define exactly one Rule subclass named '{name}', found {len(found)}")
+    return found[0]
+
+
+REGISTRY: list[type[Rule]] = [_rule_class(name) for name in ORDER]

@@ -1,4 +1,4 @@
-"""fold_conv_into_fc (rules/repmlp.py): a conv added to an FC of the same fixed-size map joins it.
+"""fold_conv_into_fc (rules/fold_conv_into_fc.py): a conv added to an FC of the same fixed-size map joins it.
 
 Positive cases are small graphs built with onnx.helper (Gemm transB 0/1 with alpha/beta, MatMul
 with and without a bias Add, Flatten or Reshape, either Add order, symbolic batch, several conv
@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep.rules as R
-from onnxrep.rules.repmlp import FoldConvIntoFc
+from onnxrep.rules.fold_conv_into_fc import FoldConvIntoFc
 from tests.helpers import (assert_declined, assert_equivalent, assert_idempotent, assert_untouched, attr,
                            nodes_of, ops, run_model, run_rules)
 
