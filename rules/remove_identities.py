@@ -12,10 +12,19 @@ not broadcast x to a larger shape or another dtype, or removing it would change 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxrep import graph as G
 from onnxrep.engine import Rewrite, Rule
+
+
+@dataclass
+class Identity:
+    node: gs.Node
+    keep: gs.Tensor  # the input the node's output equals
 
 
 class RemoveIdentities(Rule):
@@ -25,13 +34,13 @@ class RemoveIdentities(Rule):
 
     def match(self, node, ctx):
         if node.op == "Identity":
-            return node, node.inputs[0]
+            return Identity(node, node.inputs[0])
         if node.op == "Dropout":
-            return node, node.inputs[0]
+            return Identity(node, node.inputs[0])
         if node.op == "Pad":
             pads = G.const(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(node.attrs.get("pads", [1]))
             if pads is not None and not np.any(pads):
-                return node, node.inputs[0]
+                return Identity(node, node.inputs[0])
             return None
         if len(node.inputs) != 2:
             return None
@@ -44,11 +53,11 @@ class RemoveIdentities(Rule):
             if node.op in ("Sub", "Div") and pos == 0:
                 continue  # 0 - x and 1 / x are not x
             if v.size and np.all(v == neutral):
-                return node, x
+                return Identity(node, x)
         return None
 
-    def check(self, match, ctx):
-        node, x = match
+    def check(self, match: Identity, ctx):
+        node, x = match.node, match.keep
         if node.op == "Dropout":
             if len(node.outputs) > 1 and node.outputs[1].outputs:
                 return "Dropout's mask output is used"
@@ -73,8 +82,8 @@ class RemoveIdentities(Rule):
                 return "its output is a graph output fed directly by a graph input or a shared tensor"
         return None
 
-    def rewrite(self, match, ctx):
-        node, x = match
+    def rewrite(self, match: Identity, ctx):
+        node = match.node
         name = node.name
-        G.bypass(node, x, ctx.graph)
+        G.bypass(node, match.keep, ctx.graph)
         return Rewrite("", [name], [], node.op)
