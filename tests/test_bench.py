@@ -23,7 +23,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import bench as B
-from onnxrep.bench_metrics import Agreement, class_scores, latency_stats, summarize_agreement
+from onnxrep.bench import runner
+from onnxrep.bench.metrics import Agreement, class_scores, latency_stats, summarize_agreement
+from onnxrep.bench.progress import Progress
 from onnxrep.errors import InputError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +133,7 @@ SCHEMA_AGREEMENT = {"max_abs_err": OPT_NUM, "rel_err": OPT_NUM, "cosine_mean": O
 SCHEMA_PROVIDER = {"name": str, "ep": str, "status": str, "reason": OPT_STR, "session_providers": (list, type(None)),
                    "thread_pool": OPT_STR}
 SCHEMA_MODEL = {"index": int, "name": str, "path": OPT_STR, "size_bytes": int, "nodes": int, "params": int,
+                "macs": (int, type(None)),
                 "op_counts": dict, "opset": (int, type(None)), "static_batch": (int, type(None)), "inputs": list,
                 "outputs": list, "int8": (dict, type(None))}
 SCHEMA_SETTINGS = {"providers": list, "batches": list, "threads": (int, type(None)), "warmup": int, "runs": int,
@@ -146,7 +149,7 @@ def check(obj: dict, schema: dict, where: str) -> None:
 
 
 def test_json_schema(ab, tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "_available_providers", _cpu_only)  # cuda skipped even where it is installed
+    monkeypatch.setattr(runner, "available_providers", _cpu_only)  # cuda skipped even where it is installed
     out = tmp_path / "r.json"
     # default path: measured in a child process
     assert B.run(parse([*ab, "--batch", "1,4", "--providers", "cpu,cuda", "--json", str(out), "-q", *FAST])) == 0
@@ -186,7 +189,7 @@ def test_json_schema(ab, tmp_path, monkeypatch):
 
 # -- providers -----------------------------------------------------------------------------------
 def test_missing_provider_is_skipped(ab, capsys, monkeypatch):
-    monkeypatch.setattr(B, "_available_providers", _cpu_only)
+    monkeypatch.setattr(runner, "available_providers", _cpu_only)
     assert B.run(parse([*ab, "--providers", "cuda", "--in-process", *FAST])) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "CUDAExecutionProvider is not available" in out
@@ -199,7 +202,7 @@ def test_missing_provider_is_skipped(ab, capsys, monkeypatch):
 @pytest.mark.skipif(HAS_GPU_EP, reason="needs a CPU-only onnxruntime to provoke the fallback")
 def test_silent_cpu_fallback_is_skipped(ab, monkeypatch):
     # pretend CUDA is installed: ORT then builds the session on the CPU, which must be caught
-    monkeypatch.setattr(B, "_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runner, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.warns(UserWarning):  # onnxruntime's own "not in available provider names"
         r = B.bench(list(ab), providers=["cuda"], runs=2, warmup=0, isolate=False)
     rows = [row for row in r["latency"] if row["provider"] == "cuda"]
@@ -299,7 +302,7 @@ def test_dynamic_dims_need_a_shape(tmp_path):
     r = B.bench([a], input_shapes=["x:2,3,6,6"], runs=1, warmup=0, isolate=False)
     assert r["settings"]["batches"] == [2]  # the batch of --input-shape
     assert r["inputs"]["specs"][0]["sample_shape"] == [3, 6, 6]
-    with pytest.raises(UsageError, match="no input named 'y'"):
+    with pytest.raises(InputError, match="--input-shape y names 'y', which is not a model input"):
         B.bench([a], input_shapes=["y:1,3,6,6"], isolate=False)
 
 
@@ -452,12 +455,12 @@ def test_plot_without_matplotlib(ab, tmp_path, monkeypatch):
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     buf = io.StringIO()
-    p = B._Progress(buf)
+    p = Progress(buf)
     p.update(5, 10, "cpu: batch 1")
     p.close()
     assert "[############............]  50% cpu: batch 1" in buf.getvalue()
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a TTY
-    assert B._Progress.for_stderr() is None
+    assert Progress.for_stderr() is None
 
 
 def test_json_is_strict(tmp_path):

@@ -1,9 +1,10 @@
 """The measuring half of `onnxrep bench`: ONNX Runtime sessions, agreement/accuracy, timing.
 
-`onnxrep.bench` prepares everything (models on disk, input arrays, which variant runs at which
-batch) and hands one execution provider at a time to `execute`, normally in a fresh child process:
+The runner (onnxrep.bench.runner) prepares everything (models on disk, input arrays, which
+variant runs at which batch) and hands one execution provider at a time to `execute`, normally in
+a fresh child process:
 
-    python -m onnxrep.bench_worker REQUEST.pkl RESULT.pkl
+    python -m onnxrep.bench.worker REQUEST.pkl RESULT.pkl
 
 Why a child process: timed runs are interleaved round-robin across the models, so that machine
 noise hits all of them equally. With ONNX Runtime's default per-session thread pools, the intra-op
@@ -17,8 +18,8 @@ pools with spinning turned off instead, and says so.
 
 A child also turns an execution provider that crashes the process into a skipped provider.
 
-Requests and results are plain dicts of numbers, strings and NumPy arrays (pickled between our own
-processes, in our own temporary directory).
+This module is what the child imports: numpy, onnxruntime and the small bench modules, never
+onnx, onnx-graphsurgeon or the optimizer (`import onnxrep` is lazy about those).
 """
 from __future__ import annotations
 
@@ -30,23 +31,9 @@ import traceback
 
 import numpy as np
 
-from .bench_metrics import Accuracy, Agreement, class_scores, summarize_agreement
-
-OPT_LEVELS = {
-    "all": "ORT_ENABLE_ALL",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "basic": "ORT_ENABLE_BASIC",
-    "disable": "ORT_DISABLE_ALL",
-}
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line[:400]
-    return type(e).__name__
+from .metrics import Accuracy, Agreement, class_scores, summarize_agreement
+from .protocol import VariantSpec, VariantStatus, WorkerRequest, WorkerResult, first_line
+from .settings import OPT_LEVELS
 
 
 class _Ticker:
@@ -71,17 +58,17 @@ class _Ticker:
             self.callback(min(self.done, self.total), self.total, self.label)
 
 
-def _session_options(ort, req: dict, shared_pool: bool):
+# ---- sessions ----------------------------------------------------------------------------------
+def _session_options(ort, req: WorkerRequest, shared_pool: bool):
     so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[req["ort_opt"]])
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[req.ort_opt])
     so.log_severity_level = 3
-    threads = req.get("threads")
     if shared_pool:
         so.use_per_session_threads = False
     else:
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        if threads != 1:
+        if req.threads:
+            so.intra_op_num_threads = int(req.threads)
+        if req.threads != 1:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
@@ -101,6 +88,42 @@ def _setup_shared_pool(ort, threads) -> str | None:
     return None
 
 
+def _thread_pool(ort, req: WorkerRequest, res: WorkerResult, shared_pool: bool) -> bool:
+    """Set up the shared pool when asked; record which kind of pool the sessions use."""
+    problem = _setup_shared_pool(ort, req.threads) if shared_pool else None
+    if problem:
+        res.notes.append(f"could not create a shared thread pool ({problem}); "
+                         "used per-session pools without spinning")
+        shared_pool = False
+    res.thread_pool = "shared" if shared_pool else ("single-threaded" if req.threads == 1 else "per-session, spinning off")
+    return shared_pool
+
+
+def _open_sessions(ort, req: WorkerRequest, so, res: WorkerResult, tick: _Ticker) -> dict:
+    """One session per variant; a variant whose session fails or falls back to the CPU is marked."""
+    sessions = {}
+    for v in req.variants:
+        tick.step(label=f"{req.provider}: loading {v.label}")
+        try:
+            sess = ort.InferenceSession(v.path, so, providers=req.ep_chain, enable_fallback=0)
+        except Exception as e:
+            res.variants[v.key] = _failed(v, f"session creation failed: {first_line(e)}")
+            continue
+        got = sess.get_providers()
+        if req.ep not in got:
+            res.variants[v.key] = VariantStatus("skipped", f"{req.ep} was not used: the session fell back to "
+                                                           f"{', '.join(got)} (no device, or the provider's "
+                                                           "libraries failed to load)")
+            continue
+        sessions[v.key] = sess
+        res.session_providers = res.session_providers or got
+    return sessions
+
+
+def _failed(v: VariantSpec, reason: str) -> VariantStatus:
+    return VariantStatus("error" if v.required else "skipped", reason)
+
+
 def _run(sess, feeds: dict, n: int, static_batch: int | None, unbatched: set) -> list:
     """Run `n` samples; a static-batch model gets them in pieces of its batch (last one padded)."""
     if static_batch is None or static_batch == n:
@@ -111,21 +134,17 @@ def _run(sess, feeds: dict, n: int, static_batch: int | None, unbatched: set) ->
         m = min(s, n - i)
         piece = {}
         for k, a in feeds.items():
-            if k in unbatched:
-                piece[k] = a
-                continue
-            p = a[i:i + m]
-            if m < s:
+            p = a if k in unbatched else a[i:i + m]
+            if k not in unbatched and m < s:
                 p = np.concatenate([p, np.repeat(p[-1:], s - m, axis=0)])
             piece[k] = p
         outs = sess.run(None, piece)
         parts.append([(o[:m], True) if (o.ndim and o.shape[0] == s) else (o, False) for o in outs])
-    result = []
-    for j, (first, batched) in enumerate(parts[0]):
-        result.append(np.concatenate([p[j][0] for p in parts]) if batched else first)
-    return result
+    return [np.concatenate([p[j][0] for p in parts]) if batched else first
+            for j, (first, batched) in enumerate(parts[0])]
 
 
+# ---- agreement and accuracy, chunk by chunk -----------------------------------------------------
 def _match_outputs(names: list[str], ref_names: list[str]) -> tuple[list[tuple[int, int]] | None, str | None]:
     """Pairs (candidate index, reference index): by name, else by position."""
     if set(ref_names) <= set(names):
@@ -135,181 +154,160 @@ def _match_outputs(names: list[str], ref_names: list[str]) -> tuple[list[tuple[i
     return None, (f"outputs differ: {', '.join(names)} vs reference {', '.join(ref_names)}")
 
 
-def execute(req: dict, progress=None, shared_pool: bool = True) -> dict:
-    """Benchmark every variant of `req` on one execution provider. See onnxrep.bench for the request."""
-    import onnxruntime as ort
+class _Quality:
+    """Streaming agreement (against each variant's reference) and accuracy (against labels)."""
 
-    res: dict = {"variants": {}, "quality": {}, "timing": {}, "timing_skipped": {}, "notes": []}
-    pool_problem = _setup_shared_pool(ort, req.get("threads")) if shared_pool else "not isolated"
-    if shared_pool and pool_problem:
-        res["notes"].append(f"could not create a shared thread pool ({pool_problem}); "
-                            "used per-session pools without spinning")
-        shared_pool = False
-    res["thread_pool"] = "shared" if shared_pool else ("single-threaded" if req.get("threads") == 1 else "per-session, spinning off")
-    so = _session_options(ort, req, shared_pool)
-    target = req["ep"]
-    chain = req["ep_chain"]
-    variants = req["variants"]
-    status = {v["key"]: ["ok", None] for v in variants}
-    sessions = {}
-    session_providers = None
+    def __init__(self, req: WorkerRequest, sessions: dict):
+        self.labels = req.eval.labels
+        self.by_key = {v.key: v for v in req.variants}
+        self.out_names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+        self.agreements: dict[str, list | None] = {}
+        self.agree_reason: dict[str, str] = {}
+        self.accuracy: dict[str, tuple[int, Accuracy]] = {}
+        self.acc_reason: dict[str, str] = {}
 
-    n_eval = req["eval"]["num"]
-    chunk = max(1, int(req["eval"]["chunk"]))
-    n_chunks = -(-n_eval // chunk)
-    total = len(variants) * (1 + n_chunks) + sum(
-        (req["warmup"] + req["runs"]) * len(t["variants"]) for t in req["timing"])
-    tick = _Ticker(progress, total, f"{req['provider']}: loading")
-
-    for v in variants:
-        key = v["key"]
-        tick.step(label=f"{req['provider']}: loading {v['label']}")
-        try:
-            sess = ort.InferenceSession(v["path"], so, providers=chain, enable_fallback=0)
-        except Exception as e:
-            status[key] = ["error" if v.get("required") else "skipped", f"session creation failed: {first_line(e)}"]
-            continue
-        got = sess.get_providers()
-        if target not in got:
-            status[key] = ["skipped", f"{target} was not used: the session fell back to {', '.join(got)} "
-                                      "(no device, or the provider's libraries failed to load)"]
-            continue
-        sessions[key] = sess
-        session_providers = session_providers or got
-    res["session_providers"] = session_providers
-
-    # ---- agreement and accuracy, chunk by chunk ------------------------------------------------
-    ev = req["eval"]
-    labels = ev.get("labels")
-    unbatched = set(ev.get("unbatched", ()))
-    by_key = {v["key"]: v for v in variants}
-    agreements: dict[str, list | None] = {}
-    agree_reason: dict[str, str] = {}
-    accuracy: dict[str, Accuracy | None] = {}
-    acc_reason: dict[str, str] = {}
-    out_names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
-    for start in range(0, n_eval, chunk):
-        n = min(chunk, n_eval - start)
-        feeds = {k: (a if k in unbatched else a[start:start + n]) for k, a in ev["inputs"].items()}
-        outs = {}
-        for v in variants:
-            key = v["key"]
-            if status[key][0] != "ok":
-                tick.step()
-                continue
-            try:
-                outs[key] = _run(sessions[key], feeds, n, v.get("static_batch"), unbatched)
-            except Exception as e:
-                status[key] = ["error" if v.get("required") else "skipped", f"run failed: {first_line(e)}"]
-                sessions.pop(key, None)
-            tick.step(label=f"{req['provider']}: comparing outputs")
+    def update(self, outs: dict, status: dict, start: int, n: int) -> None:
         for key, o in outs.items():
-            v = by_key[key]
-            ref = v.get("reference")
-            if ref is not None and key not in agree_reason:
-                if ref not in outs:
-                    agree_reason[key] = f"reference {by_key[ref]['label']} did not run: {status[ref][1]}"
-                    agreements[key] = None
-                else:
-                    if key not in agreements:
-                        pairs, why = _match_outputs(out_names[key], out_names[ref])
-                        if pairs is None:
-                            agree_reason[key] = why
-                            agreements[key] = None
-                        else:
-                            agreements[key] = [(i, j, Agreement(out_names[key][i], out_names[ref][j])) for i, j in pairs]
-                    for i, j, acc in agreements[key] or ():
-                        acc.update(o[i], outs[ref][j], n)
-            if labels is not None and key not in acc_reason:
-                if key not in accuracy:
-                    idx = next((i for i, a in enumerate(o) if class_scores(a, n) is not None), None)
-                    if idx is None:
-                        acc_reason[key] = "no output with a class axis (N, C)"
-                        continue
-                    accuracy[key] = (idx, Accuracy(out_names[key][idx]))
-                idx, acc = accuracy[key]
-                scores = class_scores(o[idx], n)
-                if scores is None:
-                    acc_reason[key] = f"output {acc.name!r} has no class axis in every chunk"
-                    continue
-                acc.update(scores, labels[start:start + n])
+            ref = self.by_key[key].reference
+            if ref is not None and key not in self.agree_reason:
+                self._agree(key, ref, o, outs, status, n)
+            if self.labels is not None and key not in self.acc_reason:
+                self._accuracy(key, o, self.labels[start:start + n], n)
 
-    for v in variants:
-        key = v["key"]
-        q: dict = {"num_samples": n_eval}
-        if status[key][0] == "ok":
-            if v.get("reference") is not None:
-                if agreements.get(key):
-                    q["agreement"] = summarize_agreement([a.result() for _, _, a in agreements[key]])
-                else:
-                    q["agreement"] = None
-                    q["agreement_reason"] = agree_reason.get(key, "no samples")
-            if labels is not None:
-                if key in accuracy and key not in acc_reason:
-                    q["accuracy"] = accuracy[key][1].result()
-                    q["accuracy_output"] = accuracy[key][1].name
-                else:
-                    q["accuracy"] = None
-                    q["accuracy_reason"] = acc_reason.get(key, "no samples")
-        res["quality"][key] = q
+    def _agree(self, key, ref, o, outs, status, n) -> None:
+        if ref not in outs:
+            why = status[ref].reason if ref in status else "not run"
+            self.agree_reason[key] = f"reference {self.by_key[ref].label} did not run: {why}"
+            self.agreements[key] = None
+            return
+        if key not in self.agreements:
+            pairs, why = _match_outputs(self.out_names[key], self.out_names[ref])
+            if pairs is None:
+                self.agree_reason[key] = why
+                self.agreements[key] = None
+                return
+            self.agreements[key] = [(i, j, Agreement(self.out_names[key][i], self.out_names[ref][j])) for i, j in pairs]
+        for i, j, acc in self.agreements[key]:
+            acc.update(o[i], outs[ref][j], n)
 
-    # ---- timing: warm-up, then interleaved round-robin -----------------------------------------
-    warmup, runs = int(req["warmup"]), int(req["runs"])
-    for tb in req["timing"]:
-        b = tb["batch"]
-        feeds = tb["feeds"]
-        skipped: dict[str, str] = {}
-        keys = []
-        for key in tb["variants"]:
-            if status[key][0] == "ok":
-                keys.append(key)
+    def _accuracy(self, key, o, labels, n) -> None:
+        if key not in self.accuracy:
+            idx = next((i for i, a in enumerate(o) if class_scores(a, n) is not None), None)
+            if idx is None:
+                self.acc_reason[key] = "no output with a class axis (N, C)"
+                return
+            self.accuracy[key] = (idx, Accuracy(self.out_names[key][idx]))
+        idx, acc = self.accuracy[key]
+        scores = class_scores(o[idx], n)
+        if scores is None:
+            self.acc_reason[key] = f"output {acc.name!r} has no class axis in every chunk"
+            return
+        acc.update(scores, labels)
+
+    def result(self, v: VariantSpec, num: int) -> dict:
+        q: dict = {"num_samples": num}
+        if v.reference is not None:
+            if self.agreements.get(v.key):
+                q["agreement"] = summarize_agreement([a.result() for _, _, a in self.agreements[v.key]])
             else:
-                skipped[key] = status[key][1]
-                tick.step(warmup + runs)
-        label = f"{req['provider']}: batch {b}"
+                q["agreement"] = None
+                q["agreement_reason"] = self.agree_reason.get(v.key, "no samples")
+        if self.labels is not None:
+            if v.key in self.accuracy and v.key not in self.acc_reason:
+                q["accuracy"] = self.accuracy[v.key][1].result()
+                q["accuracy_output"] = self.accuracy[v.key][1].name
+            else:
+                q["accuracy"] = None
+                q["accuracy_reason"] = self.acc_reason.get(v.key, "no samples")
+        return q
 
-        def fail(key, e, keys=keys, skipped=skipped, b=b):
+
+def _evaluate(req: WorkerRequest, sessions: dict, res: WorkerResult, tick: _Ticker) -> None:
+    ev = req.eval
+    chunk = max(1, int(ev.chunk))
+    unbatched = set(ev.unbatched)
+    quality = _Quality(req, sessions)
+    for start in range(0, ev.num, chunk):
+        n = min(chunk, ev.num - start)
+        feeds = {k: (a if k in unbatched else a[start:start + n]) for k, a in ev.inputs.items()}
+        outs = {}
+        for v in req.variants:
+            if res.variants[v.key].status == "ok":
+                try:
+                    outs[v.key] = _run(sessions[v.key], feeds, n, v.static_batch, unbatched)
+                except Exception as e:
+                    res.variants[v.key] = _failed(v, f"run failed: {first_line(e)}")
+                    sessions.pop(v.key, None)
+            tick.step(label=f"{req.provider}: comparing outputs")
+        quality.update(outs, res.variants, start, n)
+    for v in req.variants:
+        res.quality[v.key] = quality.result(v, ev.num) if res.variants[v.key].status == "ok" else {"num_samples": ev.num}
+
+
+# ---- timing: warm-up, then interleaved round-robin ---------------------------------------------
+def _time_batch(req: WorkerRequest, tb, sessions: dict, res: WorkerResult, tick: _Ticker) -> None:
+    warmup, runs, b = req.warmup, req.runs, tb.batch
+    skipped: dict[str, str] = {}
+    keys = []
+    for key in tb.variants:
+        if res.variants[key].status == "ok":
+            keys.append(key)
+        else:
+            skipped[key] = res.variants[key].reason
+            tick.step(warmup + runs)
+    label = f"{req.provider}: batch {b}"
+
+    def attempt(key) -> int | None:
+        run, feeds, clock = sessions[key].run, tb.feeds, time.perf_counter_ns
+        try:
+            t0 = clock()
+            run(None, feeds)
+            return clock() - t0
+        except Exception as e:
             skipped[key] = f"run failed at batch {b}: {first_line(e)}"
             keys.remove(key)
+            return None
 
-        for _ in range(warmup):
-            for key in list(keys):
-                try:
-                    sessions[key].run(None, feeds)
-                except Exception as e:
-                    fail(key, e)
-                    tick.step(warmup + runs)
-                    continue
-                tick.step(label=f"{label}: warm-up")
-        times = {key: np.zeros(runs, dtype=np.int64) for key in keys}
-        perf = time.perf_counter_ns
-        for r in range(runs):
-            if not keys:
-                break
-            k = r % len(keys)
-            for key in keys[k:] + keys[:k]:
-                sess = sessions[key]
-                try:
-                    t0 = perf()
-                    sess.run(None, feeds)
-                    t1 = perf()
-                except Exception as e:
-                    fail(key, e)
-                    tick.step(runs - r)
-                    continue
-                times[key][r] = t1 - t0
-            tick.step(len(keys), label=f"{label}: timed runs")
-        res["timing"][b] = {key: times[key] for key in keys}
-        res["timing_skipped"][b] = skipped
+    for _ in range(warmup):
+        for key in list(keys):
+            tick.step(1 if attempt(key) is not None else warmup + runs, label=f"{label}: warm-up")
+    times = {key: np.zeros(runs, dtype=np.int64) for key in keys}
+    for r in range(runs):
+        if not keys:
+            break
+        k = r % len(keys)  # the model that goes first rotates from round to round
+        for key in keys[k:] + keys[:k]:
+            ns = attempt(key)
+            if ns is None:
+                tick.step(runs - r)
+            else:
+                times[key][r] = ns
+        tick.step(len(keys), label=f"{label}: timed runs")
+    res.timing[b] = {key: times[key] for key in keys}
+    res.timing_skipped[b] = skipped
 
-    res["variants"] = {k: {"status": s, "reason": r} for k, (s, r) in status.items()}
+
+def execute(req: WorkerRequest, progress=None, shared_pool: bool = True) -> WorkerResult:
+    """Benchmark every variant of `req` on one execution provider."""
+    import onnxruntime as ort
+
+    res = WorkerResult(variants={v.key: VariantStatus("ok") for v in req.variants})
+    shared_pool = _thread_pool(ort, req, res, shared_pool)
+    so = _session_options(ort, req, shared_pool)
+    n_chunks = -(-req.eval.num // max(1, int(req.eval.chunk)))
+    total = len(req.variants) * (1 + n_chunks) + sum((req.warmup + req.runs) * len(t.variants) for t in req.timing)
+    tick = _Ticker(progress, total, f"{req.provider}: loading")
+    sessions = _open_sessions(ort, req, so, res, tick)
+    _evaluate(req, sessions, res, tick)
+    for tb in req.timing:
+        _time_batch(req, tb, sessions, res, tick)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m onnxrep.bench_worker REQUEST.pkl RESULT.pkl", file=sys.stderr)
+        print("usage: python -m onnxrep.bench.worker REQUEST.pkl RESULT.pkl", file=sys.stderr)
         return 2
     req_path, res_path = argv
     with open(req_path, "rb") as f:
@@ -321,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = execute(req, progress, shared_pool=True)
     except BaseException as e:  # reported to the parent, which decides what it means
-        res = {"fatal": f"{type(e).__name__}: {first_line(e)}", "traceback": traceback.format_exc()}
+        res = WorkerResult(fatal=f"{type(e).__name__}: {first_line(e)}", traceback=traceback.format_exc())
     tmp = res_path + ".tmp"
     with open(tmp, "wb") as f:
         pickle.dump(res, f, protocol=pickle.HIGHEST_PROTOCOL)
