@@ -109,7 +109,7 @@ def _quality_row(result: dict, q: dict, has_acc: bool) -> list[str]:
     a = q["agreement"] or {}
     row = [q["provider"], q["model_name"], q["precision"], vs, _fmt(a.get("max_abs_err"), ".2e"),
            _fmt(a.get("rel_err"), ".2e"), _fmt(a.get("cosine_min"), ".6f"), _pct(a.get("top1_agreement"))]
-    if q["agreement"] is None and ref is not None:
+    if ref is not None and a.get("max_abs_err") is None:  # nothing compared: not_compared() says why
         row[4] = "n/a"
     if has_acc:
         cell = _pct(q["accuracy"])
