@@ -749,3 +749,15 @@ def test_params_and_macs_are_optimizes(tmp_path):
     assert entry["params"] == 30 == stats.parameter_count(m)  # not 32
     assert entry["macs"] == 30 == stats.macs(m)  # per sample: 3 x 10
     assert "MACs" in B.format_table(r)
+
+
+def test_bench_does_not_load_the_rules(ab):
+    """bench measures graphs; it never needs the rewrite rules, the engine or graphsurgeon."""
+    code = ("import sys; from onnxrep.bench import bench; "
+            f"bench({list(ab)!r}, runs=1, warmup=0, samples=2, isolate=False); "
+            "print([m for m in ('onnx_graphsurgeon', 'onnxrep.rules', 'onnxrep.engine', 'onnxrep.optimizer') "
+            "if m in sys.modules])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"
