@@ -23,7 +23,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import bench as B
-from onnxrep.bench_metrics import Agreement, class_scores, latency_stats, summarize_agreement
+from onnxrep.bench import runner
+from onnxrep.bench.metrics import Agreement, class_scores, latency_stats, summarize_agreement
+from onnxrep.bench.progress import Progress
 from onnxrep.errors import InputError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +133,7 @@ SCHEMA_AGREEMENT = {"max_abs_err": OPT_NUM, "rel_err": OPT_NUM, "cosine_mean": O
 SCHEMA_PROVIDER = {"name": str, "ep": str, "status": str, "reason": OPT_STR, "session_providers": (list, type(None)),
                    "thread_pool": OPT_STR}
 SCHEMA_MODEL = {"index": int, "name": str, "path": OPT_STR, "size_bytes": int, "nodes": int, "params": int,
+                "macs": (int, type(None)),
                 "op_counts": dict, "opset": (int, type(None)), "static_batch": (int, type(None)), "inputs": list,
                 "outputs": list, "int8": (dict, type(None))}
 SCHEMA_SETTINGS = {"providers": list, "batches": list, "threads": (int, type(None)), "warmup": int, "runs": int,
@@ -146,7 +149,7 @@ def check(obj: dict, schema: dict, where: str) -> None:
 
 
 def test_json_schema(ab, tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "_available_providers", _cpu_only)  # cuda skipped even where it is installed
+    monkeypatch.setattr(runner, "available_providers", _cpu_only)  # cuda skipped even where it is installed
     out = tmp_path / "r.json"
     # default path: measured in a child process
     assert B.run(parse([*ab, "--batch", "1,4", "--providers", "cpu,cuda", "--json", str(out), "-q", *FAST])) == 0
@@ -186,7 +189,7 @@ def test_json_schema(ab, tmp_path, monkeypatch):
 
 # -- providers -----------------------------------------------------------------------------------
 def test_missing_provider_is_skipped(ab, capsys, monkeypatch):
-    monkeypatch.setattr(B, "_available_providers", _cpu_only)
+    monkeypatch.setattr(runner, "available_providers", _cpu_only)
     assert B.run(parse([*ab, "--providers", "cuda", "--in-process", *FAST])) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "CUDAExecutionProvider is not available" in out
@@ -199,7 +202,7 @@ def test_missing_provider_is_skipped(ab, capsys, monkeypatch):
 @pytest.mark.skipif(HAS_GPU_EP, reason="needs a CPU-only onnxruntime to provoke the fallback")
 def test_silent_cpu_fallback_is_skipped(ab, monkeypatch):
     # pretend CUDA is installed: ORT then builds the session on the CPU, which must be caught
-    monkeypatch.setattr(B, "_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runner, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.warns(UserWarning):  # onnxruntime's own "not in available provider names"
         r = B.bench(list(ab), providers=["cuda"], runs=2, warmup=0, isolate=False)
     rows = [row for row in r["latency"] if row["provider"] == "cuda"]
@@ -299,7 +302,7 @@ def test_dynamic_dims_need_a_shape(tmp_path):
     r = B.bench([a], input_shapes=["x:2,3,6,6"], runs=1, warmup=0, isolate=False)
     assert r["settings"]["batches"] == [2]  # the batch of --input-shape
     assert r["inputs"]["specs"][0]["sample_shape"] == [3, 6, 6]
-    with pytest.raises(UsageError, match="no input named 'y'"):
+    with pytest.raises(InputError, match="--input-shape y names 'y', which is not a model input"):
         B.bench([a], input_shapes=["y:1,3,6,6"], isolate=False)
 
 
@@ -452,12 +455,12 @@ def test_plot_without_matplotlib(ab, tmp_path, monkeypatch):
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     buf = io.StringIO()
-    p = B._Progress(buf)
+    p = Progress(buf)
     p.update(5, 10, "cpu: batch 1")
     p.close()
     assert "[############............]  50% cpu: batch 1" in buf.getvalue()
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a TTY
-    assert B._Progress.for_stderr() is None
+    assert Progress.for_stderr() is None
 
 
 def test_json_is_strict(tmp_path):
@@ -538,3 +541,223 @@ def test_train_digits_smoke(tmp_path, capsys):
                 labels=str(tmp_path / "labels.npy"), runs=1, warmup=0, isolate=False)
     acc = r["quality"][0]["accuracy"]
     assert f"test accuracy (ONNX Runtime, digits_train.onnx): {acc:.4f}" in out
+
+
+# -- --input-shape: one grammar, one set of words for optimize, bench and the API ----------------
+BAD_SHAPES = [  # (flags, exit code, words of the error)
+    (["input:1,3,x,32,32"], 2, "bad --input-shape 'input:1,3,x,32,32': expected NAME:D1,D2,..."),
+    (["1x3x32x32"], 2, "bad --input-shape '1x3x32x32': expected NAME:D1,D2,..."),
+    (["input:"], 2, "bad --input-shape 'input:': expected NAME:D1,D2,..."),
+    ([":1,2"], 2, "bad --input-shape ':1,2': expected NAME:D1,D2,..."),
+    (["input:0,3"], 2, "bad --input-shape 'input:0,3': dimensions must be positive integers"),
+    (["input:1,3,32,32", "input:2,3,32,32"], 2, "--input-shape given twice for 'input'"),
+    (["x:1,3,32,32"], 3, "--input-shape x names 'x', which is not a model input (inputs: input)"),
+    (["input:1,3,32"], 3, "--input-shape input has rank 3, the model input 'input' has rank 4"),
+    (["input:1,4,32,32"], 3, "--input-shape input: axis 1 is fixed to 3 in the model, not 4"),
+]
+
+
+def _main(capsys, *argv) -> tuple[int, list[str]]:
+    from onnxrep.cli import main
+
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("flags, code, words", BAD_SHAPES, ids=[" ".join(f) for f, _, _ in BAD_SHAPES])
+def test_input_shape_errors_are_the_same_in_optimize_and_bench(tmp_path, capsys, flags, code, words):
+    """The same bad --input-shape gets the same exit code and line from both commands, with the
+    options before or after the positional paths."""
+    src = save(conv_model(name="input", hw=32), tmp_path / "a.onnx")
+    opts = [a for f in flags for a in ("--input-shape", f)]
+    out = str(tmp_path / "out.onnx")
+    seen = []
+    for argv in (["optimize", src, out, *opts], ["optimize", *opts, src, out],
+                 ["bench", src, *opts, *FAST, "--in-process"], ["bench", *opts, *FAST, "--in-process", src]):
+        rc, err = _main(capsys, *argv)
+        assert rc == code, (argv, err)
+        assert len(err) == 1 and err[0].startswith("onnxrep: error: ") and words in err[0], (argv, err)
+        seen.append(err[0])
+    assert len(set(seen)) == 1  # word for word
+    assert not Path(out).exists()
+
+
+API_SHAPES = [  # the dict forms of the mistakes above, as the API words them
+    ({"input": [1, 3, 0, 32]}, UsageError, "bad input_shapes['input'] = [1, 3, 0, 32]: dimensions must be positive"),
+    ({"input": "1,3,32,32"}, UsageError, "bad input_shapes['input'] = '1,3,32,32': expected a list of positive"),
+    ({"x": [1, 3, 32, 32]}, InputError, "input_shapes['x'] names 'x', which is not a model input (inputs: input)"),
+    ({"input": [1, 3, 32]}, InputError, "input_shapes['input'] has rank 3, the model input 'input' has rank 4"),
+    ({"input": [1, 4, 32, 32]}, InputError, "input_shapes['input']: axis 1 is fixed to 3 in the model, not 4"),
+]
+
+
+@pytest.mark.parametrize("shapes, error, words", API_SHAPES, ids=[str(s) for s, _, _ in API_SHAPES])
+def test_input_shapes_api_words_match_optimize(tmp_path, shapes, error, words):
+    import onnxrep
+
+    model = conv_model(name="input", hw=32)
+    messages = []
+    for call in (lambda: onnxrep.optimize(model, input_shapes=shapes),
+                 lambda: B.bench([model], input_shapes=shapes, runs=1, warmup=0, isolate=False)):
+        with pytest.raises(error) as e:
+            call()
+        assert words in str(e.value) and "--input-shape" not in str(e.value)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+
+
+def test_input_shape_accepted_alike(tmp_path, capsys):
+    """What optimize accepts, bench accepts: a pinned batch becomes bench's default batch."""
+    src = save(conv_model(name="input", hw=32), tmp_path / "a.onnx")
+    rc, err = _main(capsys, "optimize", "--input-shape", "input:2,3,32,32", src, str(tmp_path / "o.onnx"), "-q")
+    assert rc == 0, err
+    rc, err = _main(capsys, "bench", "--input-shape", "input:2,3,32,32", src, *FAST, "--in-process", "-q",
+                    "--json", str(tmp_path / "r.json"))
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["settings"]["batches"] == [2] and doc["settings"]["input_shapes"] == {"input": [2, 3, 32, 32]}
+
+
+# -- issue 10 item 5: why agreement is missing, plot title, file permissions ----------------------
+def test_table_says_why_agreement_is_missing(tmp_path, capsys):
+    """A shape mismatch and a different set of outputs are named in the table, not only the JSON."""
+    a = save(conv_model(), tmp_path / "a.onnx")
+    b = save(conv_model(classes=5), tmp_path / "b.onnx")  # y is (N, 5), the reference's (N, 10)
+    c = conv_model()
+    c.graph.node[-1].output[0] = "logits"  # outputs (logits, f): neither by name nor by position
+    c.graph.output[0].name = "logits"
+    c.graph.output.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, ["N", 8]))
+    c = save(c, tmp_path / "c.onnx")
+    assert B.run(parse([a, b, c, "--in-process", "--samples", "4", *FAST])) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("cpu ") and "fp32  " in ln and "(reference)" not in ln
+            and "a.onnx fp32" in ln}
+    assert set(rows) == {"b.onnx", "c.onnx"} and all("n/a" in r for r in rows.values())
+    assert ("  not compared: cpu b.onnx fp32: output 'y' has shape [4, 5], reference 'y' has [4, 10]"
+            in out.splitlines())
+    assert "  not compared: cpu c.onnx fp32: outputs differ: logits, f vs reference y" in out.splitlines()
+    r = B.bench([a, b], samples=4, runs=1, warmup=0, isolate=False)
+    assert "not compared" in B.format_table(r)
+    q = next(q for q in r["quality"] if q["model"] == 1)
+    assert q["agreement"]["outputs"][0]["problem"].startswith("output 'y' has shape")
+
+
+def test_plot_title_fits_one_panel(ab):
+    """One pair at one batch size makes the narrowest figure: the title must stay inside it."""
+    pytest.importorskip("matplotlib")
+    from onnxrep.bench import plot
+
+    r = B.bench(list(ab), batches=[1], runs=2, warmup=0, isolate=False)
+    fig = plot.build_figure(r)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = fig._suptitle.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+        one_line = fig.text(0, 0, plot.TITLE, fontsize=plot.TITLE_SIZE).get_window_extent(renderer)
+        assert one_line.width > fig.bbox.width  # unwrapped, this title would be clipped
+        for ax in fig.axes:  # and the wrapped title does not run into the panel title
+            assert ax.title.get_window_extent(renderer).y1 <= box.y0 + 1
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield 0o640
+    finally:
+        os.umask(old)
+
+
+def test_outputs_get_umask_permissions(ab, tmp_path, umask_027):
+    """JSON and PNG are created like any file (0o666 & ~umask), not 0600 like a mkstemp file."""
+    from onnxrep import files
+
+    assert files.creation_mode() == umask_027
+    js, png = tmp_path / "r.json", tmp_path / "p.png"
+    args = [*ab, "--json", str(js), "-q", "--in-process", *FAST]
+    if __import__("importlib").util.find_spec("matplotlib"):
+        args += ["--plot", str(png)]
+    assert B.run(parse(args)) == 0
+    assert (js.stat().st_mode & 0o777) == umask_027
+    if png.exists():
+        assert (png.stat().st_mode & 0o777) == umask_027
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".onnxrep-")] == []
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    from onnxrep import files
+    from onnxrep.errors import OutputError
+
+    target = tmp_path / "t.json"
+    target.write_text("old")
+
+    def boom(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"cannot write .*t.json: No space left on device"):
+        files.write_atomic(target, boom)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["t.json"]
+    with pytest.raises(OutputError, match="cannot write"):
+        files.write_text_atomic(tmp_path / "missing" / "x.json", "{}")
+    files.write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+
+
+# -- the package: cheap worker, lazy onnxrep, typed settings, shared counters ---------------------
+def test_worker_and_package_import_cheaply():
+    """The worker child must not load the optimizer; `import onnxrep` keeps its public names."""
+    code = ("import sys, onnxrep.bench.worker, onnxrep.bench; "
+            "heavy = [m for m in ('onnx', 'onnx_graphsurgeon', 'onnxrep.optimizer', 'onnxrep.engine', "
+            "'onnxrep.bench.runner', 'onnxruntime') if m in sys.modules]; print(heavy); "
+            "import onnxrep; from onnxrep import optimize, optimize_file, Report, InputError, VerificationError; "
+            "print(optimize.__module__, Report.__module__, 'optimize' in dir(onnxrep))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["[]", "onnxrep.optimizer onnxrep.optimizer True"]
+
+
+def test_settings_object_and_unknown_options(ab):
+    from onnxrep.bench.settings import BenchSettings
+
+    r = B.bench(list(ab), BenchSettings(runs=2, warmup=0, isolate=False, batches="1,3"))
+    assert r["settings"]["batches"] == [1, 3] and r["settings"]["runs"] == 2
+    with pytest.raises(TypeError, match="unexpected keyword argument.*batch_sizes"):
+        B.bench(list(ab), batch_sizes=[1])
+    with pytest.raises(TypeError, match="not both"):
+        B.bench(list(ab), BenchSettings(), runs=2)
+    with pytest.raises(UsageError, match="--runs must be an integer >= 1"):
+        B.bench(list(ab), runs=0)
+
+
+def test_params_and_macs_are_optimizes(tmp_path):
+    """models[].params and .macs are onnxrep.stats' figures: an int64 shape constant is no parameter."""
+    from onnxrep import stats
+
+    m = matmul_model(np.ones((3, 10), np.float32))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1, 10], np.int64), "shape"))
+    m.graph.node.append(helper.make_node("Reshape", ["y", "shape"], ["z"]))
+    m.graph.output[0].name = "z"
+    r = B.bench([save(m, tmp_path / "m.onnx")], runs=1, warmup=0, isolate=False)
+    entry = r["models"][0]
+    assert entry["params"] == 30 == stats.parameter_count(m)  # not 32
+    assert entry["macs"] == 30 == stats.macs(m)  # per sample: 3 x 10
+    assert "MACs" in B.format_table(r)
+
+
+def test_bench_does_not_load_the_rules(ab):
+    """bench measures graphs; it never needs the rewrite rules, the engine or graphsurgeon."""
+    code = ("import sys; from onnxrep.bench import bench; "
+            f"bench({list(ab)!r}, runs=1, warmup=0, samples=2, isolate=False); "
+            "print([m for m in ('onnx_graphsurgeon', 'onnxrep.rules', 'onnxrep.engine', 'onnxrep.optimizer') "
+            "if m in sys.modules])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"
