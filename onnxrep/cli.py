@@ -160,19 +160,9 @@ def cmd_demo(args) -> int:
 
 
 def _write_json(path, data) -> None:
-    import os
-    import tempfile
+    from .files import write_text_atomic  # atomic, and as readable as the model beside it
 
-    from .errors import OutputError
-
-    target = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxrep-", suffix=".json", dir=target.parent if str(target.parent) else ".")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, target)
-    except OSError as e:
-        raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def format_report(report, explain: bool = False) -> str:

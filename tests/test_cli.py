@@ -304,6 +304,18 @@ def test_report_is_written_without_temp_files(capfd, block, out):
     assert sorted(os.listdir(out.parent)) == sorted([out.name, report.name])
 
 
+def test_report_has_the_models_permissions(capfd, block, out):
+    """The --report JSON is as readable as the model written beside it (was 0600 from mkstemp)."""
+    old = os.umask(0o022)
+    try:
+        report = out.parent / "r.json"
+        rc, o, e = run(capfd, "optimize", block, out, "-q", "--report", report)
+    finally:
+        os.umask(old)
+    assert rc == 0, e
+    assert oct(report.stat().st_mode & 0o777) == oct(out.stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_version(capfd):
     rc, o, e = run(capfd, "--version")
     assert rc == 0
