@@ -48,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("input", help="training-time ONNX model")
     o.add_argument("output", help="where to write the optimized model (written atomically)")
     _add_rewrite_flags(o)
-    o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
-    o.add_argument("--rtol", type=_tolerance, default=None, help="relative tolerance, of each output's max |value| (default 1e-5 for fp32, 2e-3 for fp16)")
-    o.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance added to the relative one (default 0)")
-    o.add_argument("--seed", type=int, default=0, help="seed for the random verification inputs")
+    _add_verify_flags(o)
     o.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="write weights to OUTPUT.data: auto = when the input had external data or the model exceeds 1 GB")
     o.add_argument("--report", metavar="FILE.json", help="write the before/after report and per-rule counts as JSON")
@@ -86,6 +83,18 @@ def _add_rewrite_flags(o):
     o.add_argument("--enable", type=_csv, default=[], metavar="A,B", help="also apply these opt-in rules")
     o.add_argument("--aggressive", action="store_true", help="merge even where the cost model expects a slower result")
     o.add_argument("--rm", action="store_true", help="remove residual connections of ReLU ResNet blocks (RMNet; adds MACs), same as --enable rm_residual")
+
+
+def _add_verify_flags(o):
+    """Verification flags; their defaults are verify.VerifyOptions' (None here: not given)."""
+    from .verify import VerifyOptions
+
+    d = VerifyOptions()
+    o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
+    o.add_argument("--rtol", type=_tolerance, default=None,
+                   help="relative tolerance, of each output's max |value| (default by the model's precision: 1e-5 fp32, 2e-3 fp16)")
+    o.add_argument("--atol", type=_tolerance, default=None, help=f"absolute tolerance added to the relative one (default {d.atol:g})")
+    o.add_argument("--seed", type=int, default=None, help=f"seed for the random verification inputs (default {d.seed})")
 
 
 def cmd_rules(args) -> int:
@@ -187,6 +196,8 @@ def format_report(report, explain: bool = False) -> str:
     else:
         shapes = ", ".join(f"{k}{tuple(s)}" for k, s in v["input_shapes"].items())
         out.append(f"verification: max relative error {v['max_rel_error']:.2e} on {shapes} (ONNX Runtime, optimizations off)")
+        if v.get("deployed"):
+            out.append(f"  as deployed (ONNX Runtime, default optimizations): max relative error {v['deployed']['max_rel_error']:.2e}")
     verify_s = f" (verification {v['seconds']:.2f} s)" if v and v.get("seconds") is not None else ""
     out.append(f"time: {report.seconds:.2f} s{verify_s}")
     for n in report.notes:
