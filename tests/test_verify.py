@@ -176,6 +176,15 @@ def test_deployed_run_catches_what_only_ort_default_level_rejects():
         V.check(ref, bad, V.VerifyOptions())
 
 
+def test_an_input_that_fails_deployed_itself_is_not_blamed_on_the_rewrite():
+    """Negative case of the deployed run: when the input itself fails at ORT's default level, the
+    output failing there too is not onnxrep's doing; the summary says so and the check passes."""
+    bad = split_convs_model(value_info_dims=[1, "unk__0", 8, 8])
+    summary = V.check(ref_of(bad), bad, V.VerifyOptions())
+    assert summary["ok"] and summary["deployed"]["ok"] is False
+    assert "the input fails at ORT's default level too" in summary["deployed"]["note"]
+
+
 def test_noise_floor_widens_up_to_the_cap_only():
     """Strict failure within NOISE_FACTOR × ORT's own fusion noise passes; the widening never
     exceeds NOISE_CAP × the tolerance; no noise measurement leaves the strict verdict."""
