@@ -8,7 +8,6 @@ nothing behind that the next run does not remove (StagedOutput; docs/architectur
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import secrets
@@ -21,6 +20,11 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no flock; commits are then not serialized between processes
+    fcntl = None
 
 from . import wire
 from .errors import InputError, OutputError, UsageError
@@ -401,7 +405,8 @@ class StagedOutput:
             _live.add(self.dir)
             _install_signal_handlers()
             self._fd = os.open(self.dir, os.O_RDONLY)
-            fcntl.flock(self._fd, fcntl.LOCK_SH)  # alive: _sweep_stale leaves it alone
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # alive: _sweep_stale leaves it alone
         finally:
             _unblock_signals(blocked)
         self.path = self.dir / out.name
@@ -446,7 +451,10 @@ class StagedOutput:
                 _restore_signal_handlers()
 
     def __del__(self):
-        self.discard()
+        try:
+            self.discard()
+        except Exception:  # at interpreter exit the modules it needs may be gone
+            pass
 
     def __enter__(self) -> "StagedOutput":
         return self
@@ -462,12 +470,22 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _on_signal(signum, frame):
+    """SIGTERM/SIGINT while an output is staged. Where the signal would end the process (the
+    default action, or Python's KeyboardInterrupt), remove the temporary directories first, then
+    end it as it would have ended: SystemExit(128 + signum), or KeyboardInterrupt. A handler of the
+    caller's own decides for itself (if it raises, StagedOutput's discard runs as the stack unwinds);
+    an ignored signal stays ignored."""
+    previous = _previous_handlers.get(signum)
+    if previous is signal.SIG_IGN:
+        return
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, frame)
+        return
     for d in list(_live):
         shutil.rmtree(d, ignore_errors=True)
-    previous = _previous_handlers.get(signum)
     _restore_signal_handlers()
-    if callable(previous):
-        previous(signum, frame)  # SIGINT: Python's default raises KeyboardInterrupt
+    if previous is signal.default_int_handler:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -510,7 +528,8 @@ class _directory_lock:
             self.fd = os.open(self.parent, os.O_RDONLY)
         except OSError as e:
             raise OutputError(f"cannot write to {self.parent}: {e.strerror or e}") from e
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
@@ -551,7 +570,8 @@ def _sweep_stale(parent: Path) -> None:
             except OSError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # its writer is alive
             else:

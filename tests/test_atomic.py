@@ -170,6 +170,41 @@ def test_sigterm_removes_the_temp_directory_and_exits_143(tmp_path, models):
     assert os.listdir(tmp_path) == []
 
 
+def test_sigint_removes_the_temp_directory_and_raises_keyboard_interrupt(tmp_path, models):
+    """SIGINT while staged: the temporary directory goes and KeyboardInterrupt reaches the caller
+    (the CLI's exit 130); a handler of the caller's own is left to decide, and the output's
+    temp directory is then removed as the stack unwinds."""
+    out = tmp_path / "deploy.onnx"
+
+    def staged_then_interrupted():
+        try:
+            with io.stage_model(models["m1"][0], out, external=True):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        except KeyboardInterrupt:
+            raise SystemExit(130 if not os.listdir(tmp_path) else 1)
+
+    assert wait(child(staged_then_interrupted)) == 130
+
+    def own_handler():
+        class Stop(Exception):
+            pass
+
+        def handler(signum, frame):
+            raise Stop
+
+        signal.signal(signal.SIGTERM, handler)
+        try:
+            with io.stage_model(models["m1"][0], out, external=True) as staged:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        except Stop:
+            raise SystemExit(7 if not staged.dir.exists() and signal.getsignal(signal.SIGTERM) is handler else 1)
+
+    assert wait(child(own_handler)) == 7
+    assert os.listdir(tmp_path) == []
+
+
 def test_failed_commit_keeps_the_old_pair_and_removes_the_new_data(tmp_path, models, monkeypatch):
     """The .onnx rename fails (disk full) after the new data file was moved into place: an
     OutputError, the old pair intact and loadable, the new data file taken back out."""
