@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rewrite_flags(o)
     _add_verify_flags(o)
     o.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
-                   help="write weights to OUTPUT.data: auto = when the input had external data or the model exceeds 1 GB")
+                   help="write weights to a data file beside OUTPUT (OUTPUT.<token>.data): auto = when the input had external data or the model exceeds 1 GB")
     o.add_argument("--report", metavar="FILE.json", help="write the before/after report and per-rule counts as JSON")
     o.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     o.add_argument("--explain", action="store_true", help="list every rewrite and every declined match with its reason")
@@ -95,6 +95,9 @@ def _add_verify_flags(o):
                    help="relative tolerance, of each output's max |value| (default by the model's precision: 1e-5 fp32, 2e-3 fp16)")
     o.add_argument("--atol", type=_tolerance, default=None, help=f"absolute tolerance added to the relative one (default {d.atol:g})")
     o.add_argument("--seed", type=int, default=None, help=f"seed for the random verification inputs (default {d.seed})")
+    o.add_argument("--no-deployed-check", action="store_true",
+                   help="skip the second run of the output at ONNX Runtime's default optimization level "
+                        "(it costs a third ORT session and a copy of the conv weights)")
 
 
 def cmd_rules(args) -> int:
@@ -111,12 +114,14 @@ def cmd_rules(args) -> int:
 def cmd_optimize(args) -> int:
     from .optimizer import optimize_file
     from .shapes import parse_specs
+    from .verify import VerifyOptions
 
     parse_specs(args.input_shape)  # usage errors before any file is touched
     report = optimize_file(  # checks the output and report paths before it reads anything
         args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
         rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=args.input_shape,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
+        verify_options=VerifyOptions(deployed=not args.no_deployed_check),
         also_writes=(args.report,) if args.report else (),
     )
     report.input = args.input

@@ -280,13 +280,6 @@ class VerifyOptions:
     deployed: bool = True
     culprit: bool = True
 
-    @classmethod
-    def of(cls, rtol: float | None = None, atol: float | None = None, seed: int | None = None, **more) -> "VerifyOptions":
-        """The defaults, with the arguments that are not None in their place (the API's and the
-        CLI's rtol/atol/seed, where None means 'not given')."""
-        given = {k: v for k, v in dict(rtol=rtol, atol=atol, seed=seed, **more).items() if v is not None}
-        return cls(**given)
-
 
 @dataclass
 class Reference:

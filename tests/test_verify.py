@@ -87,6 +87,8 @@ def test_cli_optimize_and_optimize_file_all_verify_through_check(tmp_path, calls
     onnx.save(conv_bn_model(), str(src))
     assert cli.main(["optimize", str(src), str(tmp_path / "a.onnx"), "-q", "--seed", "5", "--atol", "1e-7"]) == 0
     assert [c[0] for c in calls] == ["PosixPath"] and calls[0][1] == V.VerifyOptions(atol=1e-7, seed=5)
+    assert cli.main(["optimize", str(src), str(tmp_path / "c.onnx"), "-q", "--no-deployed-check"]) == 0
+    assert calls.pop()[1] == V.VerifyOptions(deployed=False)
     onnxrep.optimize_file(src, tmp_path / "b.onnx", rtol=1e-4)
     assert calls[1][0] == "PosixPath" and calls[1][1] == V.VerifyOptions(rtol=1e-4)
     onnxrep.optimize(str(src), verify_options=V.VerifyOptions(deployed=False))
