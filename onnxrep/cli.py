@@ -48,12 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("input", help="training-time ONNX model")
     o.add_argument("output", help="where to write the optimized model (written atomically)")
     _add_rewrite_flags(o)
-    o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
-    o.add_argument("--rtol", type=_tolerance, default=None, help="relative tolerance, of each output's max |value| (default 1e-5 for fp32, 2e-3 for fp16)")
-    o.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance added to the relative one (default 0)")
-    o.add_argument("--seed", type=int, default=0, help="seed for the random verification inputs")
+    _add_verify_flags(o)
     o.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
-                   help="write weights to OUTPUT.data: auto = when the input had external data or the model exceeds 1 GB")
+                   help="write weights to a data file beside OUTPUT (OUTPUT.<token>.data): auto = when the input had external data or the model exceeds 1 GB")
     o.add_argument("--report", metavar="FILE.json", help="write the before/after report and per-rule counts as JSON")
     o.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     o.add_argument("--explain", action="store_true", help="list every rewrite and every declined match with its reason")
@@ -89,6 +86,21 @@ def _add_rewrite_flags(o):
     o.add_argument("--rm", action="store_true", help="remove residual connections of ReLU ResNet blocks (RMNet; adds MACs), same as --enable rm_residual")
 
 
+def _add_verify_flags(o):
+    """Verification flags; their defaults are verify.VerifyOptions' (None here: not given)."""
+    from .verify import VerifyOptions
+
+    d = VerifyOptions()
+    o.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
+    o.add_argument("--rtol", type=_tolerance, default=None,
+                   help="relative tolerance, of each output's max |value| (default by the model's precision: 1e-5 fp32, 2e-3 fp16)")
+    o.add_argument("--atol", type=_tolerance, default=None, help=f"absolute tolerance added to the relative one (default {d.atol:g})")
+    o.add_argument("--seed", type=int, default=None, help=f"seed for the random verification inputs (default {d.seed})")
+    o.add_argument("--no-deployed-check", action="store_true",
+                   help="skip the second run of the output at ONNX Runtime's default optimization level "
+                        "(it costs a third ORT session and a copy of the conv weights)")
+
+
 def cmd_rules(args) -> int:
     from .engine import all_rules
 
@@ -115,12 +127,14 @@ def rules_markdown(rules) -> str:
 def cmd_optimize(args) -> int:
     from .optimizer import optimize_file
     from .shapes import parse_specs
+    from .verify import VerifyOptions
 
     parse_specs(args.input_shape)  # usage errors before any file is touched
     report = optimize_file(  # checks the output and report paths before it reads anything
         args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
         rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=args.input_shape,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
+        verify_options=VerifyOptions(deployed=not args.no_deployed_check),
         also_writes=(args.report,) if args.report else (),
     )
     report.input = args.input
@@ -193,6 +207,11 @@ def format_report(report, explain: bool = False) -> str:
     else:
         shapes = ", ".join(f"{k}{tuple(s)}" for k, s in v["input_shapes"].items())
         out.append(f"verification: max relative error {v['max_rel_error']:.2e} on {shapes} (ONNX Runtime, optimizations off)")
+        d = v.get("deployed")
+        if d and d.get("note"):
+            out.append(f"  as deployed (ONNX Runtime, default optimizations): not compared, {d['note']}")
+        elif d:
+            out.append(f"  as deployed (ONNX Runtime, default optimizations): max relative error {d['max_rel_error']:.2e}")
     verify_s = f" (verification {v['seconds']:.2f} s)" if v and v.get("seconds") is not None else ""
     out.append(f"time: {report.seconds:.2f} s{verify_s}")
     for n in report.notes:

@@ -1,19 +1,30 @@
 """Loading and saving models: clear errors in, atomic writes out.
 
 The input file is only ever opened for reading, and its weights are left in it (open_model gives
-a LeanModel). The output is streamed into a temporary directory beside its destination, checked
-there by the caller if it wishes (save_model's before_commit), and moved into place with
-os.replace, so a reader never sees half a file and a failure leaves nothing behind.
+a LeanModel). The output is streamed into a temporary directory beside its destination
+(stage_model), checked there by the caller if it wishes (optimize_file verifies it), and committed:
+the .onnx and its data file become visible together or not at all, and a failure or a kill leaves
+nothing behind that the next run does not remove (StagedOutput; docs/architecture-io.md).
 """
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no flock; commits are then not serialized between processes
+    fcntl = None
 
 from . import wire
 from .errors import InputError, OutputError, UsageError
@@ -249,10 +260,16 @@ def check_not_input(input_files: list[Path], output_path: str | os.PathLike, *ot
         if _resolve(name) in input_files:
             raise UsageError(f"{name} is one of the input's files: writing it would overwrite the input "
                              "(onnxrep never modifies its input)")
+    here = _resolve(out).parent
+    for f in input_files:  # committing the output removes data files named like its own
+        if f.parent == here and is_data_file_of(out.name, f.name):
+            raise UsageError(f"{f} is one of the input's files and is named like {out.name}'s data files, which "
+                             "writing it replaces (onnxrep never modifies its input)")
 
 
-def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
-    """Refuse outputs that would overwrite the input or cannot be written; nothing is created."""
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse outputs that would overwrite the input or cannot be written; nothing is created.
+    `what` names the file in the errors ("output", "report")."""
     out = Path(output_path)
     if input_path is not None:
         inp = Path(input_path)
@@ -263,15 +280,15 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
             except OSError:
                 same = False
         if same:
-            raise UsageError(f"output path is the input file: {out} (onnxrep never modifies its input)")
+            raise UsageError(f"{what} path is the input file: {out} (onnxrep never modifies its input)")
     if out.is_dir():
-        raise UsageError(f"output path is a directory: {out}")
+        raise UsageError(f"{what} path is a directory: {out}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         if parent.exists():
-            raise OutputError(f"output directory is not a directory: {parent}")
-        raise OutputError(f"output directory does not exist: {parent}")
-    _probe_writable(parent)
+            raise OutputError(f"{what} directory is not a directory: {parent}")
+        raise OutputError(f"{what} directory does not exist: {parent}")
+    _probe_writable(parent, what)
     return out
 
 
@@ -284,14 +301,14 @@ def _resolve(p: Path) -> Path:
         return p.absolute()
 
 
-def _probe_writable(parent: Path) -> None:
+def _probe_writable(parent: Path, what: str = "output") -> None:
     """Create and remove a temporary file in `parent`: os.access says yes to root on read-only
     mounts, /proc and files chattr'ed immutable, and the optimization should not run for minutes
     before the write fails."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".onnxrep-probe-", dir=parent)
     except OSError as e:
-        raise OutputError(f"output directory is not writable: {parent} ({e.strerror or e})") from e
+        raise OutputError(f"{what} directory is not writable: {parent} ({e.strerror or e})") from e
     os.close(fd)
     try:
         os.unlink(probe)
@@ -299,19 +316,22 @@ def _probe_writable(parent: Path) -> None:
         pass
 
 
-def save_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, external: bool | None = None,
-               before_commit=None) -> list[Path]:
-    """Write `model` atomically; return the files written.
+def save_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, external: bool | None = None) -> list[Path]:
+    """Write `model` atomically (see stage_model and StagedOutput.commit); return the files written.
 
-    external=None keeps weights inline unless the model is too large for one protobuf
-    (then they go to `<name>.data` beside it). The weights are streamed to the file one tensor at a
-    time, from wherever they are (arrays, the input file, in-memory tensors): the model is never
-    serialized as a whole, so writing costs no copy of it. `model` is left unchanged.
+    external=None keeps weights inline unless the model is too large for one protobuf (then they
+    go to a data file beside it). `model` is left unchanged."""
+    with stage_model(model, path, external) as staged:
+        return staged.commit()
 
-    before_commit(path): called with the complete file, still in its temporary directory (its
-    .data beside it), before anything is moved into place; whatever it raises leaves nothing
-    written. optimize_file verifies the written model there.
-    """
+
+def stage_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, external: bool | None = None) -> "StagedOutput":
+    """Write `model` for `path` into a temporary directory beside it and return the StagedOutput:
+    the complete file (and its data file) there, fsynced, to be checked (optimize_file verifies
+    it) and then committed or discarded. Nothing at `path` changes until commit().
+
+    The weights are streamed to the file one tensor at a time, from wherever they are (arrays, the
+    input file, in-memory tensors): the model is never serialized as a whole."""
     lean = model if isinstance(model, LeanModel) else LeanModel.wrap(model, initializers_only=False)
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
@@ -321,28 +341,308 @@ def save_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, ex
     elif not external and size >= PROTOBUF_LIMIT:
         raise OutputError(f"cannot write {out} without external data: its weights exceed the 2 GB a "
                           "single protobuf can hold (use --external-data auto or yes)")
-    data_name = out.name + ".data"
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=".onnxrep-", dir=parent))
-    except OSError as e:
-        raise OutputError(f"cannot write to {parent}: {e.strerror or e}") from e
-    tmp_model = tmpdir / out.name
+    staged = StagedOutput(out, parent, data_file_name(out) if external else None)
     try:
         try:
-            (_save_external(lean, tmp_model, data_name) if external else _save_inline(lean, tmp_model))
+            (_save_external(lean, staged.path, staged.data_name) if external else _save_inline(lean, staged.path))
+            if external and (staged.dir / staged.data_name).stat().st_size == 0:
+                os.unlink(staged.dir / staged.data_name)  # no weight went there: nothing names it
+                staged.data_name = None
         except OSError as e:
             raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
-        if before_commit is not None:
-            before_commit(tmp_model)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def data_file_name(out: Path) -> str:
+    """The name of a new external data file for the output `out`: OUTPUT.<16 hex>.data, unique to
+    this write, so that it can be moved into place before the .onnx that names it (see StagedOutput)."""
+    return f"{out.name}.{secrets.token_hex(8)}.data"
+
+
+def is_data_file_of(out_name: str, name: str) -> bool:
+    """Whether `name` is an external data file save_model writes for an output called `out_name`
+    (OUTPUT.<16 hex>.data)."""
+    return name.startswith(out_name + ".") and _DATA_TOKEN.fullmatch(name[len(out_name):]) is not None
+
+
+_DATA_TOKEN = re.compile(r"\.[0-9a-f]{16}\.data")
+TEMP_PREFIX = ".onnxrep-"
+
+
+class StagedOutput:
+    """An output written completely into a temporary directory beside its destination, not yet
+    visible. commit() makes it visible, discard() removes it; either way the directory goes.
+
+    How the pair is made atomic (docs/architecture-io.md): the external data file has a name
+    unique to this write (OUTPUT.<token>.data), written and fsynced first; the .onnx naming it is
+    written and fsynced too. Commit, under an exclusive flock on the destination directory (so
+    concurrent writers to it commit one after the other): the data file is renamed into place
+    (nothing references it yet, so no reader can see it), the directory fsynced, the .onnx renamed
+    over OUTPUT (the one atomic step: a reader sees the old pair or the new one, never a mix), the
+    directory fsynced, and then the data files of this output nothing references any more (the
+    superseded one, and orphans of a writer killed between its two renames) are removed. SIGTERM and
+    SIGINT are blocked during the commit, so it completes or never starts.
+
+    While staged, the temporary directory is flocked (shared) by this process and SIGTERM/SIGINT
+    remove it before the process exits (with 143 or KeyboardInterrupt). A directory left by a process
+    killed with SIGKILL is removed by the next write to the same directory: one whose lock nobody
+    holds, older than that process's start or made by a process that no longer exists."""
+
+    def __init__(self, out: Path, parent: Path, data_name: str | None):
+        self.out, self.parent, self.data_name = out, parent, data_name
+        self._fd = None
+        self.committed = False
+        _sweep_stale(parent)
+        blocked = _block_signals()  # a signal between mkdtemp and _live.add would leave the directory
         try:
-            if external:
-                os.replace(tmpdir / data_name, parent / data_name)
-            os.replace(tmp_model, out)
+            try:
+                self.dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent))
+            except OSError as e:
+                raise OutputError(f"cannot write to {parent}: {e.strerror or e}") from e
+            _live.add(self.dir)
+            _install_signal_handlers()
+            self._fd = os.open(self.dir, os.O_RDONLY)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # alive: _sweep_stale leaves it alone
+        finally:
+            _unblock_signals(blocked)
+        self.path = self.dir / out.name
+
+    def commit(self) -> list[Path]:
+        """Move the staged output into place (see the class docstring); return its files."""
+        if self.committed:
+            return self.files
+        blocked = _block_signals()
+        try:
+            with _directory_lock(self.parent):
+                old_refs = _data_references(self.out)
+                try:
+                    if self.data_name:
+                        os.replace(self.dir / self.data_name, self.parent / self.data_name)
+                        _fsync_dir(self.parent)
+                    os.replace(self.path, self.out)
+                    _fsync_dir(self.parent)
+                except OSError as e:
+                    if self.data_name:  # not referenced by anything: take it back out
+                        _unlink(self.parent / self.data_name)
+                    raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from e
+                self.committed = True
+                _remove_superseded(self.out, self.parent, old_refs, keep=self.data_name)
+        finally:
+            _unblock_signals(blocked)
+            self.discard()
+        return self.files
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.out, self.parent / self.data_name] if self.data_name else [self.out]
+
+    def discard(self) -> None:
+        """Remove the temporary directory (and whatever was not committed from it)."""
+        if self._fd is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._fd)
+            self._fd = None
+            _live.discard(self.dir)
+            if not _live:
+                _restore_signal_handlers()
+
+    def __del__(self):
+        try:
+            self.discard()
+        except Exception:  # at interpreter exit the modules it needs may be gone
+            pass
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+# temporary directories of this process, removed by the SIGTERM/SIGINT handler
+_live: set = set()
+_previous_handlers: dict = {}
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _on_signal(signum, frame):
+    """SIGTERM/SIGINT while an output is staged. Where the signal would end the process (the
+    default action, or Python's KeyboardInterrupt), remove the temporary directories first, then
+    end it as it would have ended: SystemExit(128 + signum), or KeyboardInterrupt. A handler of the
+    caller's own decides for itself (if it raises, StagedOutput's discard runs as the stack unwinds);
+    an ignored signal stays ignored."""
+    previous = _previous_handlers.get(signum)
+    if previous is signal.SIG_IGN:
+        return
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, frame)
+        return
+    for d in list(_live):
+        shutil.rmtree(d, ignore_errors=True)
+    _restore_signal_handlers()
+    if previous is signal.default_int_handler:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def _install_signal_handlers() -> None:
+    if _previous_handlers or threading.current_thread() is not threading.main_thread():
+        return
+    for s in _SIGNALS:
+        _previous_handlers[s] = signal.getsignal(s)
+        signal.signal(s, _on_signal)
+
+
+def _restore_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s, h in list(_previous_handlers.items()):
+        signal.signal(s, h if h is not None else signal.SIG_DFL)
+    _previous_handlers.clear()
+
+
+def _block_signals():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def _unblock_signals(previous) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _directory_lock:
+    """An exclusive flock on a directory: commits to one directory happen one at a time. The
+    kernel drops it when the process dies, however it dies."""
+
+    def __init__(self, parent: Path):
+        self.parent = parent
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.parent, os.O_RDONLY)
         except OSError as e:
-            raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
+            raise OutputError(f"cannot write to {self.parent}: {e.strerror or e}") from e
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+
+
+def _process_start() -> float:
+    """This process's start time (epoch seconds, to a clock tick): after fork, the child's own."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove what killed writers left in `parent`: temporary directories whose lock nobody holds
+    and that are older than this process or whose process is gone, and (under the directory lock)
+    data files of an output that its .onnx does not reference."""
+    start = _process_start() - 0.05  # /proc/uptime has a 10 ms resolution
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    outputs = set()
+    for e in entries:
+        if e.name.startswith(TEMP_PREFIX) and e.is_dir(follow_symlinks=False):
+            try:
+                if e.stat(follow_symlinks=False).st_mtime >= start and _owner_alive(e.name):
+                    continue
+                fd = os.open(e.path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is alive
+            else:
+                shutil.rmtree(e.path, ignore_errors=True)
+            finally:
+                os.close(fd)
+        elif e.name.endswith(".data") and _DATA_TOKEN.search(e.name):
+            outputs.add(e.name[:-len(".0123456789abcdef.data")])
+    if outputs:
+        with _directory_lock(parent):
+            for name in outputs:
+                _remove_superseded(parent / name, parent, set(), keep=None)
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that made the temp directory `name` (.onnxrep-<pid>-...) may still run
+    (True where the name carries no pid: then only age and the lock decide)."""
+    pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _data_references(out: Path) -> set[str]:
+    """External data locations the model file `out` names (empty when it does not exist or cannot
+    be read: then nothing it referenced is removed but this output's own orphans)."""
+    if not out.is_file():
+        return set()
+    try:
+        info: dict = {}
+        open_model(out, check=False, info=info)
+        return {f.name for f in info["files"][1:] if f.parent == _resolve(out.parent)}
+    except Exception:
+        return set()
+
+
+def _remove_superseded(out: Path, parent: Path, old_refs: set[str], keep: str | None) -> None:
+    """Remove the output's data files that its current .onnx does not reference: those save_model
+    named for it (OUTPUT.<token>.data), and OUTPUT.data where the replaced .onnx referenced it.
+    Call with the directory lock held."""
+    current = _data_references(out) if keep is None else {keep}
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if name in current:
+            continue
+        if is_data_file_of(out.name, name) or (name == out.name + ".data" and name in old_refs):
+            _unlink(parent / name)
+
+
+def _unlink(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return [out, parent / data_name] if external else [out]
+        os.close(fd)
 
 
 def _save_external(lean: "LeanModel", tmp_model: Path, data_name: str) -> None:
@@ -372,8 +672,11 @@ def _save_external(lean: "LeanModel", tmp_model: Path, data_name: str) -> None:
             if i is not None:
                 place(t, lean.nbytes(i))
                 lean.write_payload(i, data)
+        os.fsync(data.fileno())  # on disk before any .onnx that names it can be
     with open(tmp_model, "wb") as f:
         f.write(skeleton.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _save_inline(lean: "LeanModel", tmp_model: Path) -> None:
@@ -414,6 +717,7 @@ def _save_inline(lean: "LeanModel", tmp_model: Path) -> None:
             if i is not None:
                 wire.write_all(f, wire.key(wire.RAW_DATA) + wire.varint(n))
                 lean.write_payload(i, f)
+        os.fsync(f.fileno())
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The optimize pipeline: prepare → rewrite to a fixed point → check → verify → report.
+"""The optimize pipeline: open → fold → sweep → check → write temp → verify → commit.
 
     model = onnxrep.optimize("train.onnx")                  # ModelProto, verified
     model, report = onnxrep.optimize("train.onnx", return_report=True)
@@ -13,15 +13,15 @@ import os
 import time
 from pathlib import Path
 from typing import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from . import engine as E
 from . import graph as G
 from . import shapes as S, stats, verify as V
-from .errors import InputError, OnnxrepError, UsageError, VerificationError
-from .io import check_model, check_not_input, check_output_path, open_model, run_checker, save_model
+from .errors import InputError, OnnxrepError, UsageError
+from .io import check_model, check_not_input, check_output_path, open_model, run_checker, stage_model
 from .lean import LeanModel, point_stub, without_payload
 
 log = logging.getLogger("onnxrep")
@@ -124,6 +124,24 @@ def fold_constants(graph) -> None:
     G.tidy(graph)
 
 
+def keep_known_dims(model: onnx.ModelProto) -> None:
+    """Leave in the model's value_info only the dims known to be right: numbers, and the symbols
+    its inputs declare. Shape inference invents symbols (unk__0, ...) and may give one to dims that
+    differ (every piece of an unequal SplitToSequence gets the same one), which ORT takes as a
+    promise that they are equal: at its default optimization level it then reuses one buffer for
+    tensors of different sizes and fails. Such a dim is written unknown (no value, no symbol),
+    which ONNX always allows. Graph inputs and outputs are left as they are."""
+    g = model.graph
+    declared = {d.dim_param for vi in g.input if vi.type.HasField("tensor_type")
+                for d in vi.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    for vi in g.value_info:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param not in declared:
+                d.ClearField("dim_param")
+
+
 class Rewritten(LeanModel):
     """A rewritten graph as a LeanModel: `skeleton` is checked and verified (with `weights()` fed to
     ORT as arrays), then streamed to a file by io.save_model, or made a ModelProto by `model()`,
@@ -132,6 +150,7 @@ class Rewritten(LeanModel):
     def __init__(self, graph, template, ctx: E.Context, rules: list[E.Rule]):
         self.graph, self.ctx, self.rules = graph, ctx, rules
         lean = G.export_skeleton(graph, template, ctx.provenance)
+        keep_known_dims(lean.proto)
         super().__init__(lean.proto, lean.payloads)
 
     def release(self) -> None:
@@ -173,13 +192,15 @@ def rewrite(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> 
 
 def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
              enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
-             rtol: float | None = None, atol: float = 0.0, aggressive: bool = False, seed: int = 0,
-             return_report: bool = False):
+             rtol: float | None = None, atol: float | None = None, aggressive: bool = False, seed: int | None = None,
+             return_report: bool = False, verify_options: V.VerifyOptions | None = None):
     """Re-parameterize `model` (a path, ModelProto or lean.LeanModel); see the module docstring.
     Returns the optimized ModelProto (every weight in memory); to write a file without that,
-    use reparameterize and io.save_model, as the CLI does."""
+    use optimize_file. rtol/atol/seed: None takes VerifyOptions' default; verify_options: all of
+    the verification's settings at once (rtol/atol/seed, when given, override its fields)."""
     rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,
-                                       verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed)
+                                       verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed,
+                                       verify_options=verify_options)
     out = rewritten.model()
     return (out, report) if return_report else out
 
@@ -188,47 +209,75 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_da
                   also_writes: tuple = (), **options) -> Report:
     """Optimize the model file `src` into `dst`, as `onnxrep optimize` does, without ever holding
     a whole model in memory: weights are read from `src` when a rule or the verification needs
-    them, and the output is streamed to `dst` (written atomically; `src` is never modified).
+    them, and the output is streamed to `dst` (`src` is never modified).
+
+    The pipeline, one step after the other: open → fold → sweep the rules → check (onnx.checker)
+    → write to a temporary directory beside `dst` → verify that very file against `src`, both
+    loaded by ONNX Runtime from disk (verify.check) → commit (the .onnx and its data file become
+    visible together; io.StagedOutput). A failure at any step leaves `dst` as it was.
+
     external_data: "auto" (external when the input's weights were, or above 1 GB), True, False.
     also_writes: other paths the caller will write (a report), checked like `dst` and refused if
     they would overwrite it. `options` are optimize()'s. Returns the report; report.written lists
     the files."""
     check_output_path(src, dst)
     for extra in also_writes:
-        check_output_path(src, extra)
+        check_output_path(src, extra, what="report")
         if Path(extra).resolve() in (Path(dst).resolve(), Path(str(dst) + ".data").resolve()):
-            raise UsageError(f"{extra} would overwrite the output model")
+            raise UsageError(f"report {extra} would overwrite the output model")
     if external_data not in ("auto", True, False):
         raise UsageError(f"external_data must be 'auto', True or False, not {external_data!r}")
     verify = options.pop("verify", True)
+    vopts = _verify_options(options.pop("verify_options", None), options.pop("rtol", None),
+                            options.pop("atol", None), options.pop("seed", None))
     info: dict = {}
-    lean = open_model(src, info=info)
+    lean = open_model(src, info=info)  # open
     check_not_input(info["files"], dst, *also_writes)
-    rewritten, report = reparameterize(lean, verify=False, **options)
+    rewritten, report = reparameterize(lean, verify=False, **options)  # fold → sweep → check
     report.input = str(src)
     report.before["file_bytes"] = info.get("file_bytes")
     external = (True if info.get("external_data") else None) if external_data == "auto" else external_data
 
-    def check(path):  # the written file, before it is moved into place: ORT reads both models from disk
-        rewritten.release()
-        report.verification = _verify_files(src, path, lean, rewritten, options.get("rtol"), options.get("atol", 0.0),
-                                            options.get("seed", 0))
-
     t = time.perf_counter()
-    written = save_model(rewritten, dst, external=external, before_commit=check if verify else None)
+    with stage_model(rewritten, dst, external=external) as staged:  # write temp
+        if verify:  # the written file against the input file, ORT loading both from disk
+            rewritten.release()  # the file holds the weights now
+            v0 = time.perf_counter()
+            ref = V.reference(lean, vopts, rewritten.ctx.options.input_shapes, path=src)
+            report.verification = V.check(ref, staged.path, vopts, _rebuild(lean, rewritten), list(rewritten.ctx.counts))
+            report.verification["seconds"] = round(time.perf_counter() - v0, 3)
+        written = staged.commit()  # commit
     report.seconds += time.perf_counter() - t
     report.after["file_bytes"] = sum(p.stat().st_size for p in written)
     report.written = [str(p) for p in written]
     return report
 
 
+def _verify_options(given: "V.VerifyOptions | None", rtol, atol, seed) -> V.VerifyOptions:
+    base = given if given is not None else V.VerifyOptions()
+    return replace(base, **{k: v for k, v in dict(rtol=rtol, atol=atol, seed=seed).items() if v is not None})
+
+
+def _rebuild(lean: LeanModel, rewritten: Rewritten):
+    """For the culprit search: the input rewritten without one rule (None: without any rule, which
+    leaves what prepare() made of it: constant folding)."""
+    def rebuild(without: str | None) -> Rewritten:
+        rules = [r for r in rewritten.rules if without is not None and r.name != without]
+        return rewrite_graph(lean, rules, rewritten.ctx.options)
+    return rebuild
+
+
 def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
                    enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
-                   rtol: float | None = None, atol: float = 0.0, aggressive: bool = False,
-                   seed: int = 0) -> tuple[Rewritten, Report]:
+                   rtol: float | None = None, atol: float | None = None, aggressive: bool = False,
+                   seed: int | None = None, verify_options: V.VerifyOptions | None = None) -> tuple[Rewritten, Report]:
     """optimize() up to the written model: returns the Rewritten model (a LeanModel whose weights
     are the rules' arrays and, for weights no rule changed, the input's tensors, still in the
-    input file when `model` came from a path or io.open_model) and the report."""
+    input file when `model` came from a path or io.open_model) and the report.
+
+    open → (reference run) → fold → sweep the rules → check → verify in memory (verify.check, ORT
+    fed the rewritten arrays). The reference runs first: while it holds a copy of the weights,
+    nothing else does; the rules then take those arrays over and release each as they replace it."""
     t0 = time.perf_counter()
     path = None
     if isinstance(model, (str, os.PathLike)):
@@ -250,16 +299,17 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     S.check_against(input_shapes, S.model_inputs(lean.proto.graph.input), api=api)
     selected = E.select_rules(rules, skip, enable)
     options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
+    vopts = _verify_options(verify_options, rtol, atol, seed)
     before = stats.summarize(lean.proto, file_bytes)
-    loaded = None
+    ref = None
     verify_seconds = 0.0
-    if verify:  # the reference run first: while it holds a copy of the weights, nothing else does;
-        # the rules then take those arrays over, and release each as they replace it
+    if verify:
         t = time.perf_counter()
-        feeds, reference, loaded = _reference(lean, options, seed)
+        ref = V.reference(lean, vopts, options.input_shapes)
         verify_seconds = time.perf_counter() - t
-    rewritten = rewrite_graph(lean, selected, options, loaded, before)
-    loaded = None
+    rewritten = rewrite_graph(lean, selected, options, ref.weights if ref else None, before)
+    if ref is not None:
+        ref.weights = None  # the rules own them now
     ctx = rewritten.ctx
     try:
         run_checker(rewritten.skeleton, full_check=True)
@@ -267,10 +317,9 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         raise OnnxrepError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
     verification = None
-    if verify:  # ORT reads the graph's arrays as they are, no copy
+    if verify:
         t = time.perf_counter()
-        verification = _verify(lean, lean, lambda: V.run(rewritten.skeleton, feeds, weights=rewritten.weights()),
-                               rewritten, rtol, atol, feeds, reference)
+        verification = V.check(ref, rewritten, vopts, _rebuild(lean, rewritten), list(ctx.counts))
         # both ORT runs, and reading the input's weights for the first (which the rules then reuse)
         verification["seconds"] = round(verify_seconds + time.perf_counter() - t, 3)
     report = Report(
@@ -285,91 +334,3 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         notes=ctx.notes,
     )
     return rewritten, report
-
-
-def _reference(lean: LeanModel, options, seed) -> tuple[dict, dict, dict]:
-    feeds = V.random_inputs(V.input_specs(lean.proto, options.input_shapes), seed)
-    try:
-        light, weights = V.split_lean(lean)
-        return feeds, V.run(light, feeds, weights), weights
-    except Exception as e:
-        raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
-
-
-def _verify_files(src, path, lean: LeanModel, rewritten: Rewritten, rtol, atol, seed) -> dict:
-    """Verification of the optimized model as written (`path`) against the input file `src`, each
-    loaded by ONNX Runtime from disk: what is checked is the very file that will be delivered."""
-    t = time.perf_counter()
-    feeds = V.random_inputs(V.input_specs(lean.proto, rewritten.ctx.options.input_shapes), seed)
-    try:
-        reference = V.run_file(src, feeds)
-    except Exception as e:
-        raise InputError(f"ONNX Runtime cannot run the input model: {str(e).strip().splitlines()[0][:300]}") from e
-    verification = _verify(lean, src, lambda: V.run_file(path, feeds), rewritten, rtol, atol, feeds, reference)
-    verification["seconds"] = round(time.perf_counter() - t, 3)
-    return verification
-
-
-def _verify(model: LeanModel, original, candidate, rewritten: Rewritten, rtol, atol, feeds, reference) -> dict:
-    """Compare `candidate()` (the optimized model's outputs on `feeds`) with `reference`. `original`
-    (the input as a LeanModel or its path) gives ORT's own noise floor where the strict check fails;
-    a failure names the rule responsible when leaving one out makes the outputs match."""
-    if rtol is None:  # by the precision the model computes in, not only its outputs' dtype
-        rtol = V.model_rtol(model.proto)
-    try:
-        got = candidate()
-        result = V.VerifyResult(V.compare(reference, got, rtol, atol),
-                                {k: list(v.shape) for k, v in feeds.items()})
-    except Exception as e:
-        raise VerificationError(f"ONNX Runtime cannot run the optimized model: {str(e).strip().splitlines()[0][:300]}") from e
-    if not result.ok:
-        result = _widen_to_noise_floor(original, result, reference, feeds)
-    summary = {
-        "ok": result.ok,
-        "max_rel_error": result.max_rel,
-        "outputs": [{"name": o.name, "max_abs": o.max_abs, "scale": o.scale, "tolerance": o.tolerance} for o in result.outputs],
-        "input_shapes": result.input_shapes,
-        "noise_floor": result.noise_floor,
-    }
-    if result.ok:
-        return summary
-    culprit = _find_culprit(model, rewritten.ctx, rewritten.rules, rewritten.ctx.options, rtol, atol, reference, feeds)
-    worst = max(result.outputs, key=lambda o: o.rel)
-    who = f"; rule '{culprit}' is responsible (passes without it)" if culprit else ""
-    raise VerificationError(
-        f"verification failed: output '{worst.name}' differs by {worst.max_abs:.3g} "
-        f"(relative {worst.rel:.3g}, tolerance {worst.tolerance:.3g}){who}",
-        culprit=culprit, max_error=worst.rel,
-    )
-
-
-def _widen_to_noise_floor(model, result, reference, feeds):
-    """Deep fp32 graphs carry rounding noise of their own: an exactly equivalent graph with its
-    ops in a different order differs by more than 1e-5 of the output scale (ResNet-50: ~1.3e-5,
-    while both are equally far from the float64 result). Measure that noise with ORT's own
-    fusions on the *original* graph and accept up to twice it, never more than 10× the tolerance."""
-    try:
-        sess = V.session(model, optimize=True)
-        names = [o.name for o in sess.get_outputs()]
-        fused = dict(zip(names, sess.run(names, feeds)))
-    except Exception:  # no second opinion: keep the strict verdict
-        return result
-    floor = V.compare(reference, fused, 0.0, 0.0)
-    for diff, noise in zip(result.outputs, floor):
-        if diff.scale and noise.max_abs < float("inf"):
-            diff.tolerance = max(diff.tolerance, min(2 * noise.max_abs, 10 * diff.tolerance))
-    result.noise_floor = {n.name: n.max_abs for n in floor}
-    return result
-
-
-def _find_culprit(model, ctx, selected, options, rtol, atol, reference, feeds) -> str | None:
-    """Re-run without each rule that fired; the first whose absence makes outputs match is named."""
-    for name in ctx.counts:
-        rules = [r for r in selected if r.name != name]
-        try:
-            out, _ = rewrite(model, rules, options)
-            if V.verify(model.proto, out, rtol, atol, options.input_shapes, 0, reference, feeds).ok:
-                return name
-        except Exception:  # a variant that fails to build tells us nothing about the culprit
-            continue
-    return None

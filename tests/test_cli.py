@@ -66,6 +66,14 @@ def repvgg_block_model(c: int = C, hw: int = 8, batch: int | str = 1) -> onnx.Mo
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, hw, hw])], inits)
 
 
+def data_file(out: Path) -> Path:
+    """The one external data file the output `out` references (OUTPUT.<token>.data)."""
+    light = onnx.load(str(out), load_external_data=False)
+    names = {e.value for t in light.graph.initializer for e in t.external_data if e.key == "location"}
+    assert len(names) == 1 and onnxrep.io.is_data_file_of(out.name, next(iter(names))), names
+    return out.parent / names.pop()
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -212,7 +220,9 @@ def test_no_verify_skips_verification(capfd, block, out, monkeypatch):
         raise AssertionError("ONNX Runtime must not run with --no-verify")
 
     monkeypatch.setattr(V, "run", boom)
-    monkeypatch.setattr(V, "verify", boom)
+    monkeypatch.setattr(V, "run_file", boom)
+    monkeypatch.setattr(V, "session", boom)
+    monkeypatch.setattr(V, "check", boom)
     report = optimize_with_report(capfd, block, out, "--no-verify")
     assert report["verification"] is None
     monkeypatch.undo()
@@ -266,8 +276,8 @@ def test_failed_write_keeps_the_old_output_and_leaves_no_temp_files(capfd, block
 def test_external_data_yes_writes_a_data_file_that_loads_and_runs(capfd, block, out):
     rc, o, e = run(capfd, "optimize", block, out, "--external-data", "yes", "-q")
     assert rc == 0, e
-    data = out.parent / (out.name + ".data")
-    assert data.is_file() and data.stat().st_size > 0
+    data = data_file(out)
+    assert data.stat().st_size > 0
     assert sorted(os.listdir(out.parent)) == sorted([out.name, data.name])
     light = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in light.graph.initializer)
@@ -285,7 +295,7 @@ def test_external_data_input_gives_external_output_by_default(capfd, tmp_path, o
     rc, o, e = run(capfd, "optimize", src, out, "-q")
     assert rc == 0, e
     assert {p.name: sha(p) for p in src.parent.iterdir()} == hashes, "input or its data file changed"
-    assert (out.parent / (out.name + ".data")).is_file()
+    assert data_file(out).is_file()
     assert_same(src, out)
 
 
@@ -399,3 +409,12 @@ def test_subprocess_quiet_success_prints_nothing(block, out):
 def test_subprocess_version(tmp_path):
     p = _proc("--version", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == f"onnxrep {onnxrep.__version__}" and p.stderr == ""
+
+
+def test_report_path_that_is_the_input_is_worded_as_the_report(capfd, block, out):
+    """--report INPUT: exit 2, and the error names the report path, not the output path."""
+    before = sha(block)
+    rc, o, e = run(capfd, "optimize", block, out, "--report", block)
+    assert rc == 2
+    assert e.splitlines() == [f"onnxrep: error: report path is the input file: {block} (onnxrep never modifies its input)"]
+    assert sha(block) == before and not out.exists()

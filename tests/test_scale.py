@@ -71,10 +71,12 @@ def test_cli_external_data_in_external_data_out(small, tmp_path):
     out = tmp_path / "sub" / "out.onnx"
     out.parent.mkdir()
     assert cli.main(["optimize", str(small), str(out), "-q"]) == 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data"]
+    data_name = next(p.name for p in out.parent.iterdir() if p.name != "out.onnx")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", data_name]
+    assert io.is_data_file_of("out.onnx", data_name)  # OUTPUT.<token>.data: see io.StagedOutput
     assert sorted(p.name for p in small.parent.iterdir()) == ["in.onnx", "in.onnx.data"]  # input untouched
     light = onnx.load(str(out), load_external_data=False)
-    assert _locations(light) == {"out.onnx.data"}
+    assert _locations(light) == {data_name}
     assert out.stat().st_size < 16 * 1024
     onnx.checker.check_model(str(out), full_check=True)
     assert _ops(light) == {"Conv": 3, "Relu": 3}
@@ -82,7 +84,7 @@ def test_cli_external_data_in_external_data_out(small, tmp_path):
     a, b = _ort(small, x), _ort(out, x)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     # weights: 9/10 of the input's (3×3 kernels only), within alignment padding
-    data = (out.parent / "out.onnx.data").stat().st_size
+    data = (out.parent / data_name).stat().st_size
     assert data < (small.parent / "in.onnx.data").stat().st_size
 
 
@@ -98,7 +100,7 @@ def test_api_on_a_path_and_save_external(small, tmp_path):
     assert report.verification["ok"] and report.before["file_bytes"] is not None
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     written = io.save_model(model, tmp_path / "api.onnx", external=True)
-    assert [p.name for p in written] == ["api.onnx", "api.onnx.data"]
+    assert written[0].name == "api.onnx" and io.is_data_file_of("api.onnx", written[1].name) and len(written) == 2
     again = onnx.load(str(tmp_path / "api.onnx"))
     for a, b in zip(model.graph.initializer, again.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
@@ -179,7 +181,9 @@ def test_peak_memory_stays_near_one_copy(tmp_path, verify, inline):
     streamed, so peak RSS grows by about the output plus one block's float64 working set: 1.4×
     the weights. Verification runs once the rules' arrays are dropped, with ORT loading the input
     and the written output from disk, one after the other: 1.4× again for external data, 1.8× for
-    an inline input, which ORT parses whole. An inline input is walked by onnxrep, not parsed.
+    an inline input, which ORT parses whole; then the output's run as deployed, whose NCHWc copy
+    of the weights makes verification's peak about 2.2× (3-3.3× inline). An inline input is walked by
+    onnxrep, not parsed.
     Before the scale work it grew by 11.7× (gs round trips, ByteSize and SerializeToString for
     checks and stats, a serialized ORT session per model), and by 2.6× while the input was loaded
     whole and the output assembled in memory."""
@@ -195,7 +199,11 @@ def test_peak_memory_stays_near_one_copy(tmp_path, verify, inline):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0
     assert res["grew"] > 0.5 * w, "the measurement saw no work: the output alone is 0.9× the weights"
-    assert res["grew"] <= (2.1 if verify and inline else 1.7) * w, f"peak grew {res['grew'] / w:.2f}× the weights"
+    # verification ends with the output run once at ORT's default level (as deployed): its NCHWc
+    # layout transform keeps a reordered copy of every conv weight beside the original, 2.05× the
+    # weights for that session alone (measured: 2.24× external, 2.97× and 3.33× inline in all)
+    limit = (3.6 if inline else 2.4) if verify else 1.7
+    assert res["grew"] <= limit * w, f"peak grew {res['grew'] / w:.2f}× the weights"
 
 
 def test_inline_save_above_the_protobuf_limit_is_an_output_error(small, tmp_path, monkeypatch):

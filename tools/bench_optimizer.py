@@ -118,7 +118,9 @@ def _run(mode: str, src: Path, dst: Path, ref: Path | None) -> dict:
 
 
 def _clean(dst: Path) -> None:
-    for f in (dst, dst.with_name(dst.name + ".data")):
+    from onnxrep.io import is_data_file_of  # optimize names its data file OUTPUT.<token>.data
+
+    for f in (dst, dst.with_name(dst.name + ".data"), *(p for p in dst.parent.iterdir() if is_data_file_of(dst.name, p.name))):
         if f.exists():
             f.unlink()
 
