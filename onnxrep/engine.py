@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import onnx_graphsurgeon as gs
 
 from . import graph as G
+from . import patterns as P
 from .errors import OnnxrepError, UsageError
 
 log = logging.getLogger("onnxrep")
@@ -50,6 +51,7 @@ class Context:
     provenance: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     rules: tuple[str, ...] = ()  # names of the rules this run applies, in sweep order (set by run)
+    patterns: P.Index | None = None  # runtime-fusable patterns of `graph` (set by run, rebuilt per change)
 
     def runs_after(self, rule: str, other: str) -> bool:
         """Whether `other` is applied after `rule` within each sweep of this run, so that a match
@@ -106,7 +108,8 @@ def _constants(nodes):
 
 def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) -> Context:
     ctx.rules = tuple(r.name for r in rules)
-    with G.tracking(graph):
+    ctx.patterns = P.Index(graph)
+    with G.tracking(graph), P.protecting(ctx.patterns):
         return _run(graph, rules, ctx, max_sweeps)
 
 
@@ -118,6 +121,7 @@ def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> C
             if fired:
                 changed = True
                 G.tidy(graph)
+                ctx.patterns.invalidate()
         if not changed:
             return ctx
     raise EngineError(f"rules did not reach a fixed point after {max_sweeps} sweeps "

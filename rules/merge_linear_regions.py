@@ -101,7 +101,7 @@ class Walker:
             aff = L.affine_of(node)
             if aff:
                 return self._affine(node, aff, depth)
-            if op in SUM_OPS:
+            if op in SUM_OPS and not aff.fused:
                 return self._sum(node, depth)
             raise NotLinear(aff.reason)
         if op == "Sum":
