@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxrep import graph as G
+from onnxrep import patterns as P
 from onnxrep.engine import Rewrite, Rule
 
 
@@ -57,6 +58,9 @@ class RemoveIdentities(Rule):
                 if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
                     return "Dropout training_mode is not constant false"
         if node.op in ("Add", "Sub", "Mul", "Div"):
+            pattern = P.claim(node)  # LayerNorm's γ = 1, β = 0: ORT fuses the pattern only with them
+            if pattern is not None:
+                return P.decline_reason(node, pattern)
             c = next(t for t in node.inputs if t is not x)
             v = G.const(c)
             xs, out = x.shape, node.outputs[0].shape
