@@ -4,6 +4,7 @@ A new rule is one module here, one test module in tests/rules/, and one line in 
 """
 from .border_fill import CanonicalizeBorderFill
 from .dead_channels import RemoveDeadChannels
+from .fuse_activations import FuseActivations
 from .fuse_bn_conv import FuseBnConv
 from .fuse_conv_bn import FuseConvBn
 from .merge_linear_regions import MergeLinearRegions
@@ -14,6 +15,7 @@ from .rm_residual import RmResidual
 REGISTRY = [
     RemoveIdentities,
     CanonicalizeBorderFill,
+    FuseActivations,
     FuseConvBn,
     FuseBnConv,
     MergeLinearRegions,
