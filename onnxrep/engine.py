@@ -109,8 +109,11 @@ def _constants(nodes):
 def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) -> Context:
     ctx.rules = tuple(r.name for r in rules)
     ctx.patterns = P.Index(graph)
-    with G.tracking(graph), P.protecting(ctx.patterns):
-        return _run(graph, rules, ctx, max_sweeps)
+    try:
+        with G.tracking(graph), P.protecting(ctx.patterns):
+            return _run(graph, rules, ctx, max_sweeps)
+    finally:
+        ctx.patterns = None  # it holds the graph: Rewritten.release must be able to drop it
 
 
 def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> Context:

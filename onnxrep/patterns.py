@@ -36,11 +36,13 @@ makes it the active one while rules run (`protecting`); `claim(node)` answers fr
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import graph as G
@@ -59,6 +61,7 @@ REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax"})
 FLOAT_TYPES = {1, 10, 11, 16}  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 MAX_UP, MAX_DOWN, MAX_NODES = 6, 10, 24
 TOL = 1e-5
+HALF_TOL = 1e-2  # bfloat16 keeps 8 bits: its 1/√2 is off by 3e-3
 
 
 @dataclass
@@ -150,10 +153,12 @@ def find(graph: gs.Graph) -> list[Pattern]:
 
 
 def _match_at(core: gs.Node, outputs: set, taken: set) -> Pattern | None:
-    xs = _inputs_above(core)
+    xs = [(x, _below(x)) for x in _inputs_above(core)]
     for end in _nodes_below(core):
-        for x in xs:
-            nodes = _region(x, end, core, outputs, taken)
+        for x, under_x in xs:
+            if id(end) not in under_x or id(core) not in under_x:
+                continue
+            nodes = _region(x, end, core, outputs, taken, under_x)
             if nodes is None:
                 continue
             kind, axes, eps = _identify(x, end, nodes)
@@ -174,13 +179,42 @@ def _inputs_above(core: gs.Node) -> list[gs.Tensor]:
         t, d = frontier.pop()
         if isinstance(t, gs.Constant) or not t.name or d > MAX_UP:
             continue
-        if id(t) in seen and seen[id(t)][0] >= d:
+        if id(t) in seen and seen[id(t)][0] <= d:  # keep each tensor's shortest distance
             continue
         seen[id(t)] = (d, t)
         up = G.producer(t)
         if up is not None and up.op in EVAL_OPS:
             frontier.extend((i, d + 1) for i in up.inputs)
     return [t for _, t in sorted(seen.values(), key=lambda v: -v[0])]
+
+
+def _below(x: gs.Tensor) -> set[int]:
+    """ids of the EVAL_OPS nodes that compute a function of x alone (their inputs are x, constants
+    or outputs of such nodes), at most MAX_UP + MAX_DOWN steps below x. Every node of a region on
+    x is one, so only ends among them are tried, and a region walk stops at any other node."""
+    pure: set[int] = set()
+    depth = {id(x): 0}
+    frontier = collections.deque(x.outputs)
+    while frontier:  # a node is (re)checked whenever one of its inputs became a function of x
+        n = frontier.popleft()
+        if id(n) in pure or n.op not in EVAL_OPS:
+            continue
+        ds = []
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) or not t.name:
+                continue
+            if id(t) not in depth:
+                break
+            ds.append(depth[id(t)])
+        else:
+            d = max(ds, default=0) + 1
+            if d > MAX_UP + MAX_DOWN:
+                continue
+            pure.add(id(n))
+            for o in n.outputs:
+                depth[id(o)] = d
+                frontier.extend(o.outputs)
+    return pure
 
 
 def _nodes_below(core: gs.Node) -> list[gs.Node]:
@@ -200,7 +234,7 @@ def _nodes_below(core: gs.Node) -> list[gs.Node]:
     return [n for _, n in sorted(depth.values(), key=lambda v: -v[0])]
 
 
-def _region(x, end, core, outputs, taken) -> list | None:
+def _region(x, end, core, outputs, taken, under_x) -> list | None:
     """The nodes between x and end (producers first), if they form a private region that reads
     only x and scalar constants, contains `core`, and has at least two nodes."""
     nodes: dict[int, gs.Node] = {}
@@ -211,7 +245,7 @@ def _region(x, end, core, outputs, taken) -> list | None:
         nonlocal reads_x
         if id(n) in nodes:
             return True
-        if n.op not in EVAL_OPS or id(n) in taken or len(nodes) >= MAX_NODES:
+        if id(n) not in under_x or id(n) in taken or len(nodes) >= MAX_NODES:
             return False
         nodes[id(n)] = n
         for t in n.inputs:
@@ -260,12 +294,10 @@ def _references(x):
 def _identify(x, end, nodes) -> tuple[str | None, tuple, float]:
     reduces = [n for n in nodes if n.op in REDUCE_OPS]
     try:
+        tol = _tolerance(x, nodes)
         if not reduces:
             y = _eval(x, _SWEEP, end, nodes)
-            for kind, ref in _references(_SWEEP).items():
-                if _close(y, ref):
-                    return kind, (), 0.0
-            return None, (), 0.0
+            return _closest(y, _references(_SWEEP), tol), (), 0.0
         r = G.rank(x)
         if r is None or r < 1:
             return None, (), 0.0
@@ -283,21 +315,41 @@ def _identify(x, end, nodes) -> tuple[str | None, tuple, float]:
         if len(ax) == 1:
             e = np.exp(probe - probe.max(axis=ax, keepdims=True))
             refs["softmax"] = e / e.sum(axis=ax, keepdims=True)
-        for kind, ref in refs.items():
-            if y.shape == ref.shape and _close(y, ref):
-                return kind, ax, eps if kind != "softmax" else 0.0
+        kind = _closest(y, {k: v for k, v in refs.items() if v.shape == np.shape(y)}, tol)
+        if kind is not None:
+            return kind, ax, eps if kind != "softmax" else 0.0
     except _NoEval:
         pass
     return None, (), 0.0
 
 
-def _close(y, ref) -> bool:
+def _closest(y, refs: dict, tol: float) -> str | None:
+    """The reference y is nearest to, if within tol (relative, at least 1): the nearest, because in
+    half precision erf-GELU and tanh-GELU are both within the tolerance."""
+    best, best_err = None, tol
+    for kind, ref in refs.items():
+        err = _error(y, ref)
+        if err <= best_err:
+            best, best_err = kind, err
+    return best
+
+
+def _error(y, ref) -> float:
     try:
-        y = np.broadcast_to(y, np.broadcast_shapes(np.shape(y), np.shape(ref)))
-        ref = np.broadcast_to(ref, y.shape)
+        y, ref = np.broadcast_arrays(y, ref)
     except ValueError:
-        return False
-    return bool(np.all(np.isfinite(y)) and np.all(np.abs(y - ref) <= TOL * np.maximum(1.0, np.abs(ref))))
+        return math.inf
+    if not np.all(np.isfinite(y)):
+        return math.inf
+    return float(np.max(np.abs(y - ref) / np.maximum(1.0, np.abs(ref)), initial=0.0))
+
+
+def _tolerance(x, nodes) -> float:
+    """1e-5 for fp32/fp64 constants; half-precision constants (√2 is 1.4140625 in fp16) are only
+    that close to the reference function."""
+    dts = [G.dtype_of(x)] + [G.dtype_of(t) for n in nodes for t in n.inputs if isinstance(t, gs.Constant)]
+    sizes = [d.itemsize for d in dts if d is not None and np.issubdtype(d, np.floating)]
+    return TOL if not sizes or min(sizes) >= 4 else HALF_TOL
 
 
 def _epsilon(nodes) -> float:
@@ -377,14 +429,15 @@ def _apply(n: gs.Node, val, rank: int) -> np.ndarray:
         for v in ins[1:]:
             out = f(out, v)
         return out
-    if op == "Cast":
-        if int(n.attrs.get("to", 0)) not in FLOAT_TYPES:
-            raise _NoEval("Cast to a non-float type")
-        return a
-    if op == "CastLike":
-        dt = G.dtype_of(n.inputs[1])
-        if dt is not None and not np.issubdtype(dt, np.floating):
-            raise _NoEval("CastLike to a non-float type")
+    if op in ("Cast", "CastLike"):  # only casts that change nothing: a pattern keeps its dtype
+        src = G.dtype_of(n.inputs[0])
+        if op == "Cast":
+            to = int(n.attrs.get("to", 0))
+            dst = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)) if to in FLOAT_TYPES - {16} else None
+        else:
+            dst = G.dtype_of(n.inputs[1])
+        if src is None or dst is None or src != dst:
+            raise _NoEval(f"{op} that changes the type")
         return a
     if op in REDUCE_OPS:
         axes = _axes(n, np.ndim(a))

@@ -335,7 +335,7 @@ def region_cost(nodes) -> int:
                 continue
         if n.op == "Conv":
             conv_made.add(id(n))
-        elif n.op in ("Add", "Sum") and len(n.inputs) == 2 and all(G.const(t) is None for t in n.inputs):
+        elif n.op in ("Add", "Sum") and len(n.inputs) == 2 and not any(isinstance(t, gs.Constant) for t in n.inputs):
             fused = _fused_term(n, inside, conv_made, summed)
             if fused is not None:
                 summed.add(id(G.producer(fused)))

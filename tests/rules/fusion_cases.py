@@ -16,7 +16,6 @@ import os
 import tempfile
 from collections import Counter
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 

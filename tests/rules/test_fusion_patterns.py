@@ -352,3 +352,25 @@ def test_pattern_math_matches_references():
     assert np.allclose(refs["silu"], [-0.26894142, 0.0, 0.73105858, 3.39740719])
     assert np.allclose(refs["hardswish"], [-1 / 3, 0.0, 2 / 3, 3.5])
     assert np.allclose(refs["mish"][2], 1.0 * math.tanh(math.log1p(math.e)))
+
+
+@pytest.mark.parametrize("case,kind", [("gelu_legacy", "gelu"), ("gelu_tanh", "gelu_tanh"), ("layernorm", "layernorm")])
+def test_half_precision_pattern(case, kind):
+    """In fp16 (√2 is 1.4140625) the pattern is still found, as the nearest reference (erf-GELU and
+    tanh-GELU differ by less than fp16's tolerance), and survives optimize whole."""
+    fn = ALL[case][0]
+    b = GraphBuilder(7, dtype=np.float16)
+    if case == "layernorm":
+        x = b.input([5, 8])
+        h = b.gemm(x, 8, 8)
+    else:
+        x = b.input([1, 4, 6, 6])
+        h = b.conv(x, 4, 8, k=1)
+    start = len(b.nodes)
+    y = fn(b, h)
+    names = [n.name for n in b.nodes[start:]]
+    model = b.build(b.gemm(y, 8, 6) if case == "layernorm" else b.conv(y, 8, 4, k=1))
+    assert kinds(model) == [kind]
+    out, _ = run_rules(model)
+    assert set(names) <= set(by_name(out))
+    assert_equivalent(model, out, rtol=2e-3)
