@@ -266,7 +266,8 @@ TOKENS = {"layernorm": (LayerNormWrittenOut, "layernorm"), "rmsnorm": (RMSNorm, 
 # they decompose
 EXPORTS = [(name, "legacy", 17) for name in ACTS] + [(name, "dynamo", 18) for name in ACTS if name != "mish"] \
     + [(name, "legacy", 17) for name in TOKENS if name != "nn.LayerNorm"] + [("nn.LayerNorm", "legacy", 16)] \
-    + [(name, "dynamo", 18) for name in TOKENS if name != "nn.LayerNorm"]
+    + [(name, "dynamo", 18) for name in TOKENS if name != "nn.LayerNorm"] \
+    + [(name, "dynamo-opt", 18) for name in ("gelu", "silu", "layernorm", "rmsnorm")]
 
 # linear layers, and exporter bookkeeping that constant folding removes (Cast of a constant, Reshape of axes)
 LINEAR_OPS = {"Conv", "Gemm", "MatMul", "BatchNormalization", "Constant", "Identity", "Transpose", "Cast", "CastLike",
@@ -277,8 +278,9 @@ def export(module, x, exporter, opset) -> onnx.ModelProto:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            return torch.onnx.export(module, (x,), dynamo=True, optimize=False, opset_version=opset).model_proto
+        if exporter.startswith("dynamo"):  # "dynamo": optimize=False; "dynamo-opt": onnxscript's optimizer on
+            return torch.onnx.export(module, (x,), dynamo=True, optimize=exporter == "dynamo-opt",
+                                     opset_version=opset).model_proto
         f = io.BytesIO()
         torch.onnx.export(module, (x,), f, dynamo=False, opset_version=opset)
         return onnx.load_from_string(f.getvalue())
