@@ -10,6 +10,10 @@ The engine visits nodes of the rule's anchor op types, sweeps all rules in order
 re-sorts the graph after every sweep that changed it, and stops when a sweep changes nothing or
 after `max_sweeps` (a rule that keeps firing is a bug, reported as such). A rewrite that claims
 success but leaves the graph's signature unchanged is caught too.
+
+While rules run, the graph's runtime-fusable patterns (onnxrep.patterns: GELU, LayerNorm, SiLU,
+...) are indexed, once per sweep and again after a rule changed the graph; linear.affine_of and
+remove_identities decline their members, so no rule takes a piece of what a runtime fuses whole.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@
 Exporters leave these behind (Identity for aliased tensors, `Add(x, 0)` for absent MobileOne
 branches, Dropout in inference). They hide linear regions from the other rules. The constant must
 not broadcast x to a larger shape or another dtype, or removing it would change the output.
+A neutral op inside a runtime-fusable pattern stays (nn.LayerNorm's γ = 1 and β = 0 at init:
+ONNX Runtime fuses the written-out LayerNorm only with its Mul and Add).
 """
 from __future__ import annotations
 

@@ -403,3 +403,21 @@ def test_second_run_changes_nothing(case):
     model, _ = sandwich(case)
     out, _ = run_rules(model)
     assert_idempotent(out)
+
+
+def test_layernorm_unit_affine_is_not_removed():
+    """LayerNorm with γ = 1 and β = 0 (nn.LayerNorm at init): remove_identities keeps the Mul(1)
+    and Add(0), without which ORT does not fuse LayerNormalization; the decline names the pattern."""
+    b = GraphBuilder(9)
+    x = b.input([5, 8])
+    h = b.gemm(x, 8, 8)
+    d = b.sub(h, b.op("ReduceMean", [h], axes=[-1], keepdims=1))
+    v = b.op("ReduceMean", [b.op("Pow", [d, b.const(2.0)])], axes=[-1], keepdims=1)
+    n = b.op("Div", [d, b.op("Sqrt", [b.add(v, b.const(1e-5))])])
+    y = b.add(b.mul(n, b.const(np.ones(8))), b.const(np.zeros(8)))
+    model = b.build(b.gemm(y, 8, 6))
+    assert kinds(model) == ["layernorm"]
+    report = declined_by("remove_identities", model)
+    assert_declined(report, "remove_identities", "LayerNorm pattern")
+    out, _ = run_rules(model)
+    assert fused_ops(out) == fused_ops(model) == {"LayerNormalization": 1}
