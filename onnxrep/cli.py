@@ -84,6 +84,7 @@ def _add_rewrite_flags(o):
     o.add_argument("--enable", type=_csv, default=[], metavar="A,B", help="also apply these opt-in rules")
     o.add_argument("--aggressive", action="store_true", help="merge even where the cost model expects a slower result")
     o.add_argument("--rm", action="store_true", help="remove residual connections of ReLU ResNet blocks (RMNet; adds MACs), same as --enable rm_residual")
+    o.add_argument("--fuse-activations", action="store_true", help="write GELU, LayerNorm, HardSwish, Mish, ... patterns as the opset's standard op (Gelu needs opset 20, LayerNormalization 17), same as --enable fuse_activations")
 
 
 def _add_verify_flags(o):
@@ -132,7 +133,7 @@ def cmd_optimize(args) -> int:
     parse_specs(args.input_shape)  # usage errors before any file is touched
     report = optimize_file(  # checks the output and report paths before it reads anything
         args.input, args.output, external_data={"yes": True, "no": False, "auto": "auto"}[args.external_data],
-        rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []), input_shapes=args.input_shape,
+        rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []) + (["fuse_activations"] if args.fuse_activations else []), input_shapes=args.input_shape,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
         verify_options=VerifyOptions(deployed=not args.no_deployed_check),
         also_writes=(args.report,) if args.report else (),

@@ -10,6 +10,10 @@ The engine visits nodes of the rule's anchor op types, sweeps all rules in order
 re-sorts the graph after every sweep that changed it, and stops when a sweep changes nothing or
 after `max_sweeps` (a rule that keeps firing is a bug, reported as such). A rewrite that claims
 success but leaves the graph's signature unchanged is caught too.
+
+While rules run, the graph's runtime-fusable patterns (onnxrep.patterns: GELU, LayerNorm, SiLU,
+...) are indexed, once per sweep and again after a rule changed the graph; linear.affine_of and
+remove_identities decline their members, so no rule takes a piece of what a runtime fuses whole.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any, ClassVar
 import onnx_graphsurgeon as gs
 
 from . import graph as G
+from . import patterns as P
 from .errors import OnnxrepError, UsageError
 
 log = logging.getLogger("onnxrep")
@@ -50,6 +55,7 @@ class Context:
     provenance: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     rules: tuple[str, ...] = ()  # names of the rules this run applies, in sweep order (set by run)
+    patterns: P.Index | None = None  # runtime-fusable patterns of `graph` (set by run, rebuilt per change)
 
     def runs_after(self, rule: str, other: str) -> bool:
         """Whether `other` is applied after `rule` within each sweep of this run, so that a match
@@ -106,8 +112,12 @@ def _constants(nodes):
 
 def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) -> Context:
     ctx.rules = tuple(r.name for r in rules)
-    with G.tracking(graph):
-        return _run(graph, rules, ctx, max_sweeps)
+    ctx.patterns = P.Index(graph)
+    try:
+        with G.tracking(graph), P.protecting(ctx.patterns):
+            return _run(graph, rules, ctx, max_sweeps)
+    finally:
+        ctx.patterns = None  # it holds the graph: Rewritten.release must be able to drop it
 
 
 def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> Context:
@@ -118,6 +128,7 @@ def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> C
             if fired:
                 changed = True
                 G.tidy(graph)
+                ctx.patterns.invalidate()
         if not changed:
             return ctx
     raise EngineError(f"rules did not reach a fixed point after {max_sweeps} sweeps "

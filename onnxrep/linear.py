@@ -19,11 +19,13 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G
 from . import kernels as K
+from . import patterns as P
 
 
 @dataclass(frozen=True)
 class Decline:
     reason: str
+    fused: bool = False  # the op belongs to a runtime-fusable pattern (onnxrep.patterns): not linear here
 
     def __bool__(self):  # a Decline is never a usable result
         return False
@@ -57,6 +59,9 @@ CONV_OPS = {"Conv", "Gemm", "MatMul"}
 
 # -- per-channel affines -------------------------------------------------------------------------
 def affine_of(node: gs.Node) -> Affine | Decline:
+    pattern = P.claim(node)  # a piece of a GELU, LayerNorm, ... that runtimes fuse whole
+    if pattern is not None:
+        return Decline(P.decline_reason(node, pattern), fused=True)
     if node.op == "BatchNormalization":
         return _bn_affine(node)
     if node.op in ("Mul", "Add", "Sub", "Div"):

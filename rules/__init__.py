@@ -14,6 +14,7 @@ from onnxrep.engine import Rule
 ORDER = (
     "remove_identities",
     "canonicalize_border_fill",
+    "fuse_activations",
     "fuse_conv_bn",
     "fuse_bn_conv",
     "merge_linear_regions",

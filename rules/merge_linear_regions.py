@@ -23,9 +23,11 @@ All terms must reach the same source; kernel algebra (onnxrep.kernels) enforces 
 otherwise. A Sub→Pad→Add border fill whose value equals the preceding bias (DBB's BN-and-pad)
 composes because a 1×1 conv of zero-padded x produces exactly that border.
 
-Cost model: MACs plus elements read and written, over the region versus the one merged conv.
-A merge that would cost more (a dense 1×1 into a depthwise K×K, say) is declined with the
-figures, unless --aggressive.
+Cost model: MACs plus elements read and written, over the region *as deployed* versus the one
+merged conv. A runtime fuses Conv+BN/affine and Conv+Add(+Relu) at load, so those cost what the
+fused kernel costs (region_cost has the details); a runtime-fusable pattern (onnxrep.patterns:
+GELU, SiLU, LayerNorm, ...) is never inside a region. A merge that would cost more (a dense 1×1
+into a depthwise K×K, say) is declined with the figures, unless --aggressive.
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ class Walker:
             aff = L.affine_of(node)
             if aff:
                 return self._affine(node, aff, depth)
-            if op in SUM_OPS:
+            if op in SUM_OPS and not aff.fused:
                 return self._sum(node, depth)
             raise NotLinear(aff.reason)
         if op == "Sum":
@@ -303,12 +305,24 @@ def node_cost(n: gs.Node) -> int:
 
 
 def region_cost(nodes) -> int:
-    """Cost of a region's ops (walk order: producers first) as deployed without this rule: a
-    per-channel affine right after a Conv/Gemm/MatMul, or after such an affine, folds into that
-    conv on its own (fuse_conv_bn, or this rule on the pair), so it costs nothing. The merge
-    decision is then the same whether fuse_conv_bn ran first or left the pair to this rule."""
+    """Cost of a region's ops (walk order: producers first) as deployed: after the fusions a runtime
+    makes at load (ONNX Runtime's ConvBN/ConvMul/ConvAdd and ConvAddActivation fusions; TensorRT
+    and OpenVINO make the same), so that a merge is judged against what would really run:
+
+      * a per-channel affine right after a Conv/Gemm/MatMul, or after such an affine, folds into
+        that conv (fuse_conv_bn, or this rule on the pair): it costs nothing;
+      * an Add (or two-input Sum) of a Conv's private output — after its folded affines — and
+        another tensor runs inside the conv (FusedConv's Sum input; a Relu after it fuses too,
+        outside the region): it costs reading the other operand, not a write and two reads;
+      * a runtime-fusable pattern (GELU, LayerNorm, SiLU, ..., onnxrep.patterns) is never part of
+        a region: linear.affine_of declines its members, so a merge neither breaks nor counts it.
+
+    The merge decision is then the same whether fuse_conv_bn ran first or left the pair to this
+    rule."""
     inside = {id(n) for n in nodes}
-    folded: set[int] = set()
+    folded: set[int] = set()  # affines folded into the conv that made their input
+    conv_made: set[int] = set()  # nodes whose output a Conv computes (the Conv, its folded affines)
+    summed: set[int] = set()  # such nodes whose output an Add already took into the conv
     total = 0
     for n in nodes:
         if n.op in L.AFFINE_OPS:
@@ -316,9 +330,31 @@ def region_cost(nodes) -> int:
             up = G.producer(aff.x) if aff else None
             if up is not None and id(up) in inside and (up.op in L.CONV_OPS or id(up) in folded):
                 folded.add(id(n))
+                if id(up) in conv_made and id(up) not in summed:
+                    conv_made.add(id(n))
+                continue
+        if n.op == "Conv":
+            conv_made.add(id(n))
+        elif n.op in ("Add", "Sum") and len(n.inputs) == 2 and not any(isinstance(t, gs.Constant) for t in n.inputs):
+            fused = _fused_term(n, inside, conv_made, summed)
+            if fused is not None:
+                summed.add(id(G.producer(fused)))
+                other = n.inputs[1] if n.inputs[0] is fused else n.inputs[0]
+                total += _numel(other)
                 continue
         total += node_cost(n)
     return total
+
+
+def _fused_term(add: gs.Node, inside: set, conv_made: set, summed: set) -> gs.Tensor | None:
+    """The operand of `add` that a Conv in the region computes and nobody else reads: the runtime
+    adds the other operand inside that conv."""
+    for t in add.inputs:
+        up = G.producer(t)
+        if up is not None and id(up) in inside and id(up) in conv_made and id(up) not in summed \
+                and len(t.outputs) == 1 and t.shape is not None:
+            return t
+    return None
 
 
 def merged_cost(spec: K.ConvSpec, source: gs.Tensor, out: gs.Tensor) -> int:

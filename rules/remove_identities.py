@@ -9,6 +9,8 @@
 Exporters leave these behind (Identity for aliased tensors, `Add(x, 0)` for absent MobileOne
 branches, Dropout in inference). They hide linear regions from the other rules. The constant must
 not broadcast x to a larger shape or another dtype, or removing it would change the output.
+A neutral op inside a runtime-fusable pattern stays (nn.LayerNorm's γ = 1 and β = 0 at init:
+ONNX Runtime fuses the written-out LayerNorm only with its Mul and Add).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep import graph as G
+from onnxrep import patterns as P
 from onnxrep.engine import Rewrite, Rule
 
 
@@ -66,6 +69,9 @@ class RemoveIdentities(Rule):
                 if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
                     return "Dropout training_mode is not constant false"
         if node.op in ("Add", "Sub", "Mul", "Div"):
+            pattern = P.claim(node)  # LayerNorm's γ = 1, β = 0: ORT fuses the pattern only with them
+            if pattern is not None:
+                return P.decline_reason(node, pattern)
             c = next(t for t in node.inputs if t is not x)
             v = G.const(c)
             xs, out = x.shape, node.outputs[0].shape
