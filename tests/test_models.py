@@ -235,6 +235,12 @@ def test_export_zoo_tool(tmp_path):
     for name in ("acnet", "fastvit"):
         d = tmp_path / "out" / name
         assert (d / "legacy.onnx").exists() and (d / "legacy-nofold.onnx").exists()
+        for form in ("legacy", "legacy-nofold"):  # the hand-written deploy form, beside it
+            dep = d / f"{form}.deploy.onnx"
+            onnx.checker.check_model(str(dep), full_check=True)
+            assert models.op_histogram(dep)["Conv"] == models.ZOO[name].deploy_ops["Conv"]
+            np.testing.assert_allclose(_ort(dep, _reference(name)[0]), _reference(name)[1],
+                                       rtol=RTOL, atol=ATOL)
         io = np.load(d / "io.npz")
         np.testing.assert_array_equal(io["input"], models.ZOO[name].example_input().numpy())
         np.testing.assert_array_equal(io["output"], _reference(name)[1])
