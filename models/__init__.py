@@ -281,11 +281,12 @@ _register(
     "it into one Gelu kernel; the residual Add stays.")
 _register(
     "repvit_block", RepViTBlockNet, (1, 32, 14, 14),
-    {"Conv": 5, "ReduceMean": 1, "Relu": 1, "Sigmoid": 1, "Mul": 3, "Div": 1, "Erf": 1,
-     "Add": 2, **_HEAD},
+    {"Conv": 5, "Relu": 1, "Sigmoid": 1, "Mul": 3, "Div": 1, "Erf": 1, "Add": 2,
+     "GlobalAveragePool": 2, "Flatten": 1, "Gemm": 1},
     "RepViT block: RepVggDw + SE token mixer, GELU channel-mixer residual, GAP, BN1d+Linear "
     "distillation head, 32 channels, 14x14",
-    "RepVggDw -> one depthwise Conv; the SE (ReduceMean, 1x1, ReLU, 1x1, Sigmoid, Mul) stays; "
+    "RepVggDw -> one depthwise Conv; the SE (ReduceMean over H, W -- counted as "
+    "GlobalAveragePool, OP_ALIASES --, 1x1, ReLU, 1x1, Sigmoid, Mul) stays; "
     "the channel mixer -> Conv, GELU (kept whole), Conv, residual Add; the head -> one Gemm.")
 _register(
     "mobileone_se", MobileOneSENet, (1, 32, 16, 16),

@@ -359,3 +359,42 @@ def test_resrep_deploy_drops_the_dead_channels():
     deploy = _deployed("resrep")
     assert deploy.conv.out_channels == 12 == deploy.following.in_channels
     assert deploy.compactor is None
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bench_zoo_tool_compares_with_the_handwritten_deploy(capsys):
+    tool = _tool("bench_zoo")
+    assert tool.main(["--models", "acnet", "--forms", "legacy", "--batches", "1", "--runs", "5",
+                      "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| acnet | legacy |"))
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert cells[2] == "5 → 1 (1)"         # train → ours (hand-written deploy): one Conv each
+    assert cells[3] == "2 / 2"             # and the same graph once ORT has optimized it
+    assert 0.3 < float(cells[5]) < 3.0     # vs deploy: a ratio near 1 (timing is not tested)
+    a_dep, a_ours = (float(v) for v in cells[6].split(","))
+    assert a_dep > 0 and a_ours > 0
+    assert "Noise band: 90th percentile" in out and "Geometric mean" in out
+
+
+def test_bench_zoo_tool_refuses_unknown_names(capsys):
+    assert _tool("bench_zoo").main(["--models", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model or form: nope") and len(err.splitlines()) == 1
+
+
+def test_bench_zoo_why_names_the_differing_ops():
+    from collections import Counter
+
+    why = _tool("bench_zoo").why
+    assert why(Counter(Conv=2, Erf=1, Mul=2), Counter(Conv=2, Gelu=1)) == \
+        "ORT graph: Erf 1 vs 0, Gelu 0 vs 1, Mul 2 vs 0"
+    assert why(Counter(Conv=2), Counter(Conv=2)) == "same ORT graph: noise"
