@@ -83,8 +83,9 @@ def test_zoo_reaches_deploy_form(exports, tmp_path, name, form):
     for n in model.graph.node:
         hist[n.op_type] = hist.get(n.op_type, 0) + 1
     if name in GELU_PENDING and check_deploy_ops(ZOO[name].deploy_ops, hist):
-        pytest.xfail("GELU not yet kept whole (fuse_bn_conv folds its Mul(0.5); dynamo's form "
-                     "becomes a 1x1 Conv): remove GELU_PENDING once that lands")
+        pytest.xfail("GELU not yet kept whole (merge_linear_regions folds its Mul(0.5) into the "
+                     "next conv; dynamo's (erf + 1) * 0.5 becomes a 1x1 Conv): remove GELU_PENDING "
+                     "once that lands")
     assert check_deploy_ops(ZOO[name].deploy_ops, hist) == []
 
 
