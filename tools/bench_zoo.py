@@ -73,7 +73,8 @@ def ort_optimized_ops(path: Path, threads: int) -> Counter:
 
 
 def why(ours: Counter, deploy: Counter) -> str:
-    """The op types whose counts differ between the two ORT-optimized graphs."""
+    """The op types whose counts differ between the two ORT-optimized graphs ("same ORT graph"
+    means the same op-type counts; attributes are not compared)."""
     diff = [f"{op} {ours.get(op, 0)} vs {deploy.get(op, 0)}"
             for op in sorted(set(ours) | set(deploy)) if ours.get(op, 0) != deploy.get(op, 0)]
     return "ORT graph: " + ", ".join(diff) if diff else "same ORT graph: noise"
