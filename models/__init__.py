@@ -14,6 +14,9 @@ exactly, and every op type not listed must be absent (no ``BatchNormalization``,
 ``Add``, ``Pad``, ``Constant``... unless listed).  ``check_deploy_ops`` implements this and returns
 a list of human-readable problems (empty = pass).
 
+``build_deploy()`` gives the hand-written deploy form of the same weights: every block's own
+``switch_to_deploy()`` (the paper's conversion, see ``models.deploy``), applied to a copy.
+
 Some entries also fix the output-channel count of each deploy ``Conv`` in node order
 (``deploy_conv_out_channels``, e.g. ResRep's pruned conv) and alternative deploy histograms for
 opt-in transforms (``extra_deploy_ops``, e.g. ``{"rm": {...}}`` for ResNet -> plain).
@@ -33,12 +36,13 @@ from .acnet import ACBlock
 from .common import calibrate
 from .dbb import DiverseBranchBlock
 from .expandnet import ExpandNetCL
-from .fastvit import RepMixer
-from .mobileone import MobileOneNet
+from .deploy import convert as to_deploy
+from .fastvit import FastViTStage, RepMixer
+from .mobileone import MobileOneNet, MobileOneSENet
 from .repghost import RepGhostModule
 from .replknet import ReparamLargeKernelConv, RepLKBlock
 from .repvgg import RepVGG
-from .repvit import RepViTNet
+from .repvit import RepViTBlockNet, RepViTNet
 from .resnet import resnet18, resnet50
 from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
@@ -53,6 +57,7 @@ __all__ = [
     "check_deploy_ops",
     "conv_out_channels",
     "calibrate",
+    "to_deploy",
 ]
 
 #: exporter-specific spellings of the same deploy op, mapped to the canonical (legacy) name.
@@ -130,6 +135,11 @@ class ZooEntry:
     notes: str
     deploy_conv_out_channels: tuple[int, ...] | None = None
     extra_deploy_ops: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def build_deploy(self) -> nn.Module:
+        """The hand-written deploy form: ``build()`` converted by the blocks' own
+        ``switch_to_deploy`` methods (``models.deploy.convert``), in eval mode."""
+        return to_deploy(self.build())
 
     def example_input(self, seed: int = 0, batch: int | None = None) -> torch.Tensor:
         """A seeded N(0, 1) input of ``input_shape`` (batch overridable)."""
@@ -261,3 +271,27 @@ _register(
     "the fixed 8x8 map, is a matrix added to the FC weight (bias repeated per position): "
     "Flatten -> Gemm -> Reshape -> Relu.  The output Reshape counts as Flatten (OP_ALIASES); "
     "dynamo writes the input Flatten as Reshape too.")
+_register(
+    "fastvit_stage", FastViTStage, (1, 32, 28, 28),
+    {"Conv": 8, "Div": 2, "Erf": 2, "Add": 4, "Mul": 4},
+    "FastViT stage: 2 RepMixerBlocks (RepMixer k=3, ConvFFN dw7x7-BN -> 1x1 -> GELU -> 1x1, "
+    "layer-scaled residual), 32 channels, 28x28",
+    "Each RepMixer -> one depthwise 3x3 Conv; the ConvFFN's dw 7x7 absorbs its BN and its layer "
+    "scale folds into fc2; the GELU (Div, Erf, Add, Mul, Mul) stays whole so that runtimes fuse "
+    "it into one Gelu kernel; the residual Add stays.")
+_register(
+    "repvit_block", RepViTBlockNet, (1, 32, 14, 14),
+    {"Conv": 5, "Relu": 1, "Sigmoid": 1, "Mul": 3, "Div": 1, "Erf": 1, "Add": 2,
+     "GlobalAveragePool": 2, "Flatten": 1, "Gemm": 1},
+    "RepViT block: RepVggDw + SE token mixer, GELU channel-mixer residual, GAP, BN1d+Linear "
+    "distillation head, 32 channels, 14x14",
+    "RepVggDw -> one depthwise Conv; the SE (ReduceMean over H, W -- counted as "
+    "GlobalAveragePool, OP_ALIASES --, 1x1, ReLU, 1x1, Sigmoid, Mul) stays; "
+    "the channel mixer -> Conv, GELU (kept whole), Conv, residual Add; the head -> one Gemm.")
+_register(
+    "mobileone_se", MobileOneSENet, (1, 32, 16, 16),
+    {"Conv": 6, "AveragePool": 2, "Relu": 4, "Sigmoid": 2, "Mul": 2, "Flatten": 2},
+    "MobileOne unit with squeeze-excite: dw 3x3 block (with identity) and pw 32->64 block, k=3, "
+    "SE (avg pool, 1x1, ReLU, 1x1, sigmoid, multiply) on each",
+    "Each block's branches -> one Conv; its SE stays: AveragePool, Conv, Relu, Conv, Sigmoid, "
+    "Reshape (MobileOne's view(-1, c, 1, 1), counted as Flatten), Mul, then the block's Relu.")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
+from .deploy import conv_bn_kernel, make_conv, pad_kernel
 
 __all__ = ["ACBlock"]
 
@@ -35,5 +36,18 @@ class ACBlock(nn.Module):
         self.hor = ConvBN(cin, cout, (1, 3), stride=stride, padding=(0, 1), groups=groups)
         self.ver = ConvBN(cin, cout, (3, 1), stride=stride, padding=(1, 0), groups=groups)
 
+    def switch_to_deploy(self) -> None:
+        """ACNet's conversion: the 1x3 and 3x1 kernels land in the centre row/column; one conv."""
+        if hasattr(self, "fused"):
+            return
+        ks, bs = conv_bn_kernel(self.square)
+        kh, bh = conv_bn_kernel(self.hor)
+        kv, bv = conv_bn_kernel(self.ver)
+        k = ks + pad_kernel(kh, 3) + pad_kernel(kv, 3)
+        self.fused = make_conv(self.square.conv, k, bs + bh + bv)
+        del self.square, self.hor, self.ver
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "fused"):
+            return self.fused(x)
         return self.square(x) + self.hor(x) + self.ver(x)

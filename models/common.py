@@ -127,6 +127,16 @@ class ConvBN(nn.Sequential):
                               groups=groups, dilation=dilation, bias=False)
         self.bn = nn.BatchNorm2d(cout)
 
+    def switch_to_deploy(self) -> None:
+        """Fold the BN into the conv (``fuse_conv_bn_eval``'s math); the unit becomes one conv."""
+        if not hasattr(self, "bn"):
+            return
+        from .deploy import conv_bn_kernel, make_conv
+
+        w, b = conv_bn_kernel(self)
+        self.conv = make_conv(self.conv, w, b)
+        del self.bn
+
 
 PAD_MODES = ("slice", "subpadadd")
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .common import BNAndPad, ConvBN
+from .deploy import compose_1x1_kxk, conv_bn_kernel, fuse_bn, make_conv, pad_kernel
 
 __all__ = ["DiverseBranchBlock"]
 
@@ -74,7 +75,40 @@ class DiverseBranchBlock(nn.Module):
                                                        padding=0, groups=groups, bias=False))
         self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
 
+    def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """DBB's transforms I-VI in PyTorch: the KxK kernel and bias (float64) of the block."""
+        conv = self.dbb_origin.conv
+        g, k = conv.groups, conv.kernel_size
+        k_origin, b_origin = conv_bn_kernel(self.dbb_origin)
+        k_1x1, b_1x1 = conv_bn_kernel(self.dbb_1x1)
+        # 1x1 -> BN-and-pad -> AvgPool -> BN: the pool is a KxK conv with 1/K^2 per group.
+        avg_conv = self.dbb_avg.conv
+        w1, b1 = fuse_bn(avg_conv.weight, None, self.dbb_avg.bnpad.bn)
+        c = avg_conv.out_channels
+        avg = torch.zeros(c, c // g, *k, dtype=torch.float64)
+        o = torch.arange(c)
+        avg[o, o % (c // g)] = 1.0 / (k[0] * k[1])
+        w2, b2 = fuse_bn(avg, None, self.dbb_avg.avgbn)
+        k_avg, b_avg = compose_1x1_kxk(w1, b1, w2, b2, g)
+        # 1x1 -> BN-and-pad -> KxK (pad 0) -> BN.
+        br = self.dbb_1x1_kxk
+        w1, b1 = fuse_bn(br.conv1.weight, None, br.bnpad1.bn)
+        w2, b2 = fuse_bn(br.conv2.weight, None, br.bn2)
+        k_kxk, b_kxk = compose_1x1_kxk(w1, b1, w2, b2, g)
+        kern = k_origin + pad_kernel(k_1x1, k) + k_avg + k_kxk
+        return kern, b_origin + b_1x1 + b_avg + b_kxk
+
+    def switch_to_deploy(self) -> None:
+        """DBB's conversion: one KxK conv (``dbb_reparam``) replaces the four branches."""
+        if hasattr(self, "dbb_reparam"):
+            return
+        kern, bias = self.get_equivalent_kernel_bias()
+        self.dbb_reparam = make_conv(self.dbb_origin.conv, kern, bias)
+        del self.dbb_origin, self.dbb_1x1, self.dbb_avg, self.dbb_1x1_kxk
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "dbb_reparam"):
+            return self.dbb_reparam(x)
         out = self.dbb_origin(x)
         out = out + self.dbb_1x1(x)
         out = out + self.dbb_avg(x)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .deploy import make_conv
+
 __all__ = ["ExpandConvCL", "ExpandNetCL"]
 
 
@@ -49,7 +51,22 @@ class ExpandConvCL(nn.Module):
             if conv.bias is not None:
                 nn.init.uniform_(conv.bias, -0.2, 0.2)
 
+    def switch_to_deploy(self) -> None:
+        """ExpandNet's collapse: the three-conv linear chain becomes the one KxK conv it equals."""
+        if hasattr(self, "collapsed"):
+            return
+        with torch.no_grad():
+            wa = self.expand.weight.double()[:, :, 0, 0]                    # (r*cin, cin)
+            wb, bb = self.conv.weight.double(), self.conv.bias.double()     # (r*cout, r*cin, K, K)
+            wc = self.squeeze.weight.double()[:, :, 0, 0]                   # (cout, r*cout)
+            kern = torch.einsum("on,nmuv,mi->oiuv", wc, wb, wa)
+            bias = self.squeeze.bias.double() + wc @ bb
+        self.collapsed = make_conv(self.conv, kern, bias)
+        del self.expand, self.conv, self.squeeze
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "collapsed"):
+            return self.collapsed(x)
         return self.squeeze(self.conv(self.expand(x)))
 
 

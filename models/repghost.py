@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
+from .deploy import bn_kernel, conv_bn_kernel, make_conv
 
 __all__ = ["RepGhostModule"]
 
@@ -35,7 +36,19 @@ class RepGhostModule(nn.Module):
         self.fusion_bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU() if relu else nn.Identity()
 
+    def switch_to_deploy(self) -> None:
+        """RepGhost's conversion: the fusion BN merges into the cheap depthwise conv."""
+        if self.fusion_bn is None:
+            return
+        k, b = conv_bn_kernel(self.cheap_operation)
+        kid, bid = bn_kernel(self.fusion_bn, self.fusion_bn.num_features,
+                             self.cheap_operation.conv.kernel_size)
+        self.cheap_operation = make_conv(self.cheap_operation.conv, k + kid, b + bid)
+        self.fusion_bn = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.primary_conv(x)
+        if self.fusion_bn is None:
+            return self.relu(self.cheap_operation(x1))
         x2 = self.cheap_operation(x1) + self.fusion_bn(x1)
         return self.relu(x2)

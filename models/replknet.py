@@ -16,6 +16,10 @@ where pw1/pw2 are 1x1 convs.  ``BN_pre`` sits *before* a 1x1 unpadded conv, so i
 exactly (scale pw1's input channels, push its shift through pw1's kernel into the bias); the
 residual ``Add`` stays.
 
+Hand-written deploy (``switch_to_deploy``, RepLKNet's ``structural_reparam``): only the large
+kernels merge; the pre-BN stays a BatchNormalization (RepLKNet's code does not fold it), the 1x1
+conv-BN pairs fuse as every conv-BN does.
+
 Deploy structure: ``ReparamLargeKernelConv`` -> exactly one ``Conv`` (depthwise LxL);
 ``RepLKBlock`` -> ``Conv`` x3 (1x1, depthwise LxL, 1x1), ``Relu`` x2, ``Add`` x1.
 """
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
+from .deploy import conv_bn_kernel, make_conv, pad_kernel
 
 __all__ = ["ReparamLargeKernelConv", "RepLKBlock"]
 
@@ -41,7 +46,19 @@ class ReparamLargeKernelConv(nn.Module):
         self.small_conv = ConvBN(channels, channels, small, stride=stride, padding=small // 2,
                                  groups=channels)
 
+    def switch_to_deploy(self) -> None:
+        """RepLKNet's ``merge_kernel``: the small kernel, zero-padded, adds into the large one."""
+        if hasattr(self, "lkb_reparam"):
+            return
+        kl, bl = conv_bn_kernel(self.lkb_origin)
+        ks, bs = conv_bn_kernel(self.small_conv)
+        conv = self.lkb_origin.conv
+        self.lkb_reparam = make_conv(conv, kl + pad_kernel(ks, conv.kernel_size), bl + bs)
+        del self.lkb_origin, self.small_conv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "lkb_reparam"):
+            return self.lkb_reparam(x)
         return self.lkb_origin(x) + self.small_conv(x)
 
 

@@ -31,7 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from .common import ConvBN
+from .deploy import conv_bn_kernel, pad_kernel
 
 __all__ = ["RepMLPBlock"]
 
@@ -49,7 +52,33 @@ class RepMLPBlock(nn.Module):
             ConvBN(channels, out_channels, k, padding=k // 2, groups=groups) for k in kernels)
         self.act = nn.ReLU()
 
+    def switch_to_deploy(self) -> None:
+        """RepMLPNet's ``local_inject``: BN1d folds into the FC; the merged conv, applied to the
+        identity basis of the flattened map, is the matrix added to the FC weight."""
+        if self.convs is None:
+            return
+        k_max = max(cb.conv.kernel_size[0] for cb in self.convs)
+        parts = [conv_bn_kernel(cb) for cb in self.convs]
+        kern = sum(pad_kernel(k, k_max) for k, _ in parts)
+        bias = sum(b for _, b in parts)
+        groups = self.convs[0].conv.groups
+        n = self.cin * self.h * self.w
+        with torch.no_grad():
+            basis = torch.eye(n, dtype=torch.float64).reshape(n, self.cin, self.h, self.w)
+            m = F.conv2d(basis, kern, padding=k_max // 2, groups=groups).reshape(n, -1).t()
+            s = self.fc_bn.weight.double() / torch.sqrt(self.fc_bn.running_var.double()
+                                                        + self.fc_bn.eps)
+            w = self.fc.weight.double() * s.view(-1, 1) + m
+            b = ((self.fc.bias.double() - self.fc_bn.running_mean.double()) * s
+                 + self.fc_bn.bias.double() + bias.repeat_interleave(self.h * self.w))
+            fc = nn.Linear(n, w.shape[0])
+            fc.weight.copy_(w.float())
+            fc.bias.copy_(b.float())
+        self.fc, self.fc_bn, self.convs = fc, None, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.convs is None:
+            return self.act(self.fc(x.flatten(1)).reshape(-1, self.cout, self.h, self.w))
         fc_out = self.fc_bn(self.fc(x.flatten(1))).reshape(-1, self.cout, self.h, self.w)
         conv_out = self.convs[0](x)
         for branch in self.convs[1:]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
+from .deploy import bn_kernel, conv_bn_kernel, make_conv, pad_kernel
 
 __all__ = ["RepVGGBlock", "RepVGG"]
 
@@ -47,7 +48,27 @@ class RepVGGBlock(nn.Module):
                              if use_identity and cin == cout and stride == 1 else None)
         self.act = nn.ReLU()
 
+    def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """3x3 kernel and bias (float64) equal to the three branches' sum."""
+        k3, b3 = conv_bn_kernel(self.rbr_dense)
+        k1, b1 = conv_bn_kernel(self.rbr_1x1)
+        k, b = k3 + pad_kernel(k1, 3), b3 + b1
+        if self.rbr_identity is not None:
+            kid, bid = bn_kernel(self.rbr_identity, self.rbr_dense.conv.groups, 3)
+            k, b = k + kid, b + bid
+        return k, b
+
+    def switch_to_deploy(self) -> None:
+        """RepVGG's own conversion: one 3x3 conv (``rbr_reparam``) replaces the branches."""
+        if hasattr(self, "rbr_reparam"):
+            return
+        k, b = self.get_equivalent_kernel_bias()
+        self.rbr_reparam = make_conv(self.rbr_dense.conv, k, b)
+        del self.rbr_dense, self.rbr_1x1, self.rbr_identity
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "rbr_reparam"):
+            return self.act(self.rbr_reparam(x))
         out = self.rbr_dense(x) + self.rbr_1x1(x)
         if self.rbr_identity is not None:
             out = out + self.rbr_identity(x)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
+from .deploy import conv_bn_kernel, make_conv
 
 __all__ = ["ResRepBlock"]
 
@@ -53,5 +54,24 @@ class ResRepBlock(nn.Module):
     def kept_channels(self) -> int:
         return self.compactor.out_channels - len(self.zero_rows)
 
+    def switch_to_deploy(self) -> None:
+        """ResRep's conversion: conv-BN-compactor -> one conv; the zero rows of the compactor (and
+        the matching input channels of the following conv) are removed."""
+        if self.compactor is None:
+            return
+        k, b = conv_bn_kernel(self.conv)
+        with torch.no_grad():
+            q = self.compactor.weight.double()[:, :, 0, 0]
+            keep = torch.ones(q.shape[0], dtype=torch.bool)
+            keep[self.zero_rows] = False
+            k2 = torch.einsum("om,miuv->oiuv", q[keep], k)
+            b2 = q[keep] @ b
+            kf, bf = conv_bn_kernel(self.following)
+        self.conv = make_conv(self.conv.conv, k2, b2)
+        self.following = make_conv(self.following.conv, kf[:, keep], bf)
+        self.compactor = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compactor is None:
+            return self.following(self.relu(self.conv(x)))
         return self.following(self.relu(self.compactor(self.conv(x))))

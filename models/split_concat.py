@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
+from .deploy import conv_bn_kernel, make_conv
 
 __all__ = ["SplitConvConcat"]
 
@@ -37,6 +38,18 @@ class SplitConvConcat(nn.Module):
                    padding=kernel_size // 2)
             for _ in range(groups))
 
+    def switch_to_deploy(self) -> None:
+        """The per-chunk kernels, stacked along the output axis, are one grouped conv."""
+        if hasattr(self, "grouped"):
+            return
+        parts = [conv_bn_kernel(cb) for cb in self.convs]
+        k = torch.cat([p[0] for p in parts])
+        b = torch.cat([p[1] for p in parts])
+        self.grouped = make_conv(self.convs[0].conv, k, b, groups=self.groups)
+        del self.convs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "grouped"):
+            return self.grouped(x)
         chunks = torch.chunk(x, self.groups, dim=1)
         return torch.cat([conv(c) for conv, c in zip(self.convs, chunks)], dim=1)

@@ -235,6 +235,12 @@ def test_export_zoo_tool(tmp_path):
     for name in ("acnet", "fastvit"):
         d = tmp_path / "out" / name
         assert (d / "legacy.onnx").exists() and (d / "legacy-nofold.onnx").exists()
+        for form in ("legacy", "legacy-nofold"):  # the hand-written deploy form, beside it
+            dep = d / f"{form}.deploy.onnx"
+            onnx.checker.check_model(str(dep), full_check=True)
+            assert models.op_histogram(dep)["Conv"] == models.ZOO[name].deploy_ops["Conv"]
+            np.testing.assert_allclose(_ort(dep, _reference(name)[0]), _reference(name)[1],
+                                       rtol=RTOL, atol=ATOL)
         io = np.load(d / "io.npz")
         np.testing.assert_array_equal(io["input"], models.ZOO[name].example_input().numpy())
         np.testing.assert_array_equal(io["output"], _reference(name)[1])
@@ -255,3 +261,140 @@ def test_demo_file_is_the_calibrated_repvgg():
     assert hist["Conv"] == 12 and hist["Relu"] == 6
     x, y = _reference("repvgg")
     np.testing.assert_allclose(_ort(demo, x), y, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-written deploy forms (each block's switch_to_deploy, the paper's conversion)
+
+#: where the paper's own deploy form keeps more than onnxrep's deploy_ops (see the model docs):
+#: RepLKNet's structural_reparam leaves the pre-BN; FastViT keeps the ConvFFN's layer scale.
+HANDWRITTEN_EXTRA = {"replknet": {"BatchNormalization": 1}, "fastvit_stage": {"Mul": 2}}
+
+
+@functools.lru_cache(maxsize=None)
+def _deployed(name: str) -> torch.nn.Module:
+    return models.ZOO[name].build_deploy()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_handwritten_deploy_matches_training_module(name):
+    """build_deploy() computes what the training module computes (eval mode, fp32 rounding)."""
+    entry = models.ZOO[name]
+    train, deploy = _model(name), _deployed(name)
+    assert not deploy.training
+    x = entry.example_input(seed=3, batch=2)
+    with torch.no_grad():
+        want, got = train(x), deploy(x)
+    scale = float(want.abs().max())
+    # fp32 rounding of a different summation order; ResNet-50's 16 blocks reach ~4e-6
+    assert float((got - want).abs().max()) <= 1e-5 * scale
+    n_bn = len(list(batchnorms(deploy)))
+    assert n_bn == HANDWRITTEN_EXTRA.get(name, {}).get("BatchNormalization", 0)
+    # the deploy module really is smaller: the branches are gone, not bypassed
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(deploy) <= n_params(train)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_handwritten_deploy_exports_to_its_documented_structure(name, tmp_path):
+    """Exported like the training form (legacy, folding on), the hand-written deploy form has the
+    entry's deploy_ops (plus what the paper's code keeps), passes the checker and equals torch."""
+    entry = models.ZOO[name]
+    path = export_onnx(_deployed(name), entry.input_shape, tmp_path / "deploy.onnx", "legacy")
+    onnx.checker.check_model(str(path), full_check=True)
+    hist = models.op_histogram(path)
+    hist.pop("Constant", None)
+    want = dict(entry.deploy_ops)
+    for op, n in HANDWRITTEN_EXTRA.get(name, {}).items():
+        want[op] = want.get(op, 0) + n
+    assert models.check_deploy_ops(want, hist) == []
+    x, y = _reference(name)
+    np.testing.assert_allclose(_ort(path, x), y, rtol=RTOL, atol=ATOL)
+
+
+def test_deploy_convert_leaves_the_training_model_alone_and_is_idempotent():
+    entry = models.ZOO["repvgg"]
+    train = entry.build()
+    before = {k: v.clone() for k, v in train.state_dict().items()}
+    deploy = models.to_deploy(train)
+    after = train.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(hasattr(b, "rbr_dense") for b in train.body)
+    assert all(not hasattr(b, "rbr_dense") and hasattr(b, "rbr_reparam") for b in deploy.body)
+    state = {k: v.clone() for k, v in deploy.state_dict().items()}
+    for m in deploy.modules():
+        if hasattr(m, "switch_to_deploy"):
+            m.switch_to_deploy()  # second call: nothing left to convert
+    assert all(torch.equal(state[k], v) for k, v in deploy.state_dict().items())
+
+
+def test_grouped_identity_kernel_is_per_group():
+    """bn_kernel puts the identity at o mod (C/g), not at o (YOLOv7's fill_diagonal_ bug)."""
+    from models.deploy import bn_kernel
+
+    bn = torch.nn.BatchNorm2d(8).eval()
+    models.calibrate(bn, (1, 8, 4, 4), seed=2)
+    k, b = bn_kernel(bn, groups=4, kernel_size=3)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.nn.functional.conv2d(x, k, b, padding=1, groups=4)
+        want = bn.double()(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_dbb_deploy_is_exact_at_the_border():
+    """The composed 1x1 -> KxK and 1x1 -> avg kernels hold at the border only because BN-and-pad
+    fills it with the BN's bias: compare border pixels separately."""
+    entry = models.ZOO["dbb_subpadadd"]
+    x = entry.example_input(seed=5, batch=2)
+    with torch.no_grad():
+        want, got = _model("dbb_subpadadd")(x), _deployed("dbb_subpadadd")(x)
+    border = torch.ones_like(want, dtype=torch.bool)
+    border[..., 1:-1, 1:-1] = False
+    scale = float(want.abs().max())
+    assert float((got - want)[border].abs().max()) <= 2e-6 * scale
+
+
+def test_resrep_deploy_drops_the_dead_channels():
+    deploy = _deployed("resrep")
+    assert deploy.conv.out_channels == 12 == deploy.following.in_channels
+    assert deploy.compactor is None
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bench_zoo_tool_compares_with_the_handwritten_deploy(capsys):
+    tool = _tool("bench_zoo")
+    assert tool.main(["--models", "acnet", "--forms", "legacy", "--batches", "1", "--runs", "5",
+                      "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| acnet | legacy |"))
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert cells[2] == "5 → 1 (1)"         # train → ours (hand-written deploy): one Conv each
+    assert cells[3] == "2 / 2"             # and the same graph once ORT has optimized it
+    assert 0.3 < float(cells[5]) < 3.0     # vs deploy: a ratio near 1 (timing is not tested)
+    a_dep, a_ours = (float(v) for v in cells[6].split(","))
+    assert a_dep > 0 and a_ours > 0
+    assert "Noise band: 90th percentile" in out and "Geometric mean" in out
+
+
+def test_bench_zoo_tool_refuses_unknown_names(capsys):
+    assert _tool("bench_zoo").main(["--models", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model or form: nope") and len(err.splitlines()) == 1
+
+
+def test_bench_zoo_why_names_the_differing_ops():
+    from collections import Counter
+
+    why = _tool("bench_zoo").why
+    assert why(Counter(Conv=2, Erf=1, Mul=2), Counter(Conv=2, Gelu=1)) == \
+        "ORT graph: Erf 1 vs 0, Gelu 0 vs 1, Mul 2 vs 0"
+    assert why(Counter(Conv=2), Counter(Conv=2)) == "same ORT graph: noise"

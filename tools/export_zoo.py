@@ -4,9 +4,11 @@
 Usage::
 
     python tools/export_zoo.py OUTDIR [--models a,b] [--forms legacy,dynamo] [--dynamic-batch]
-                               [--verify] [--histogram [MD_PATH]]
+                               [--verify] [--histogram [MD_PATH]] [--no-deploy]
 
-Writes ``OUTDIR/<model>/<form>.onnx`` (the dynamo form also ``<form>.onnx.data``) and
+Writes ``OUTDIR/<model>/<form>.onnx`` (the dynamo form also ``<form>.onnx.data``), beside it
+``OUTDIR/<model>/<form>.deploy.onnx``: the hand-written deploy form (``ZooEntry.build_deploy``, the
+paper's own conversion) exported the same way (``--no-deploy`` skips it), and
 ``OUTDIR/<model>/io.npz`` with the reference ``input`` (seeded, batch 1) and the torch ``output``.
 ``--verify`` runs each export in ONNX Runtime (graph optimizations off) against the torch output.
 ``--histogram`` additionally writes the op-type histogram of every export, next to the entry's
@@ -57,13 +59,14 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def export_all(outdir: Path, names: list[str], forms: list[str], dynamic_batch: bool,
-               verify: bool) -> dict[str, dict[str, dict[str, int]]]:
+               verify: bool, with_deploy: bool = True) -> dict[str, dict[str, dict[str, int]]]:
     """Export; return {model: {form: op histogram}}."""
     hist: dict[str, dict[str, dict[str, int]]] = {}
     failures = 0
     for name in names:
         entry = models.ZOO[name]
         model = entry.build()
+        deploy = entry.build_deploy() if with_deploy else None
         x = entry.example_input()
         with torch.no_grad():
             y = model(x).numpy()
@@ -85,9 +88,27 @@ def export_all(outdir: Path, names: list[str], forms: list[str], dynamic_batch: 
                 failures += not ok
                 msg += f"  ort max|diff| {err:.2e} {'ok' if ok else 'MISMATCH'}"
             print(msg, flush=True)
+            if deploy is not None:
+                failures += _export_deploy(deploy, entry, mdir / f"{form}.deploy.onnx", form,
+                                           dynamic_batch, x if verify else None, y)
     if failures:
         raise SystemExit(f"{failures} export(s) disagree with torch")
     return hist
+
+
+def _export_deploy(deploy, entry, path: Path, form: str, dynamic_batch: bool, x, y) -> int:
+    """Export the hand-written deploy module like the training form; return 1 on a mismatch."""
+    export_onnx(deploy, entry.input_shape, path, form, dynamic_batch=dynamic_batch)
+    msg = f"{entry.name:14s} {form + '.deploy':14s} {'':7s}  " \
+          f"{sum(models.op_histogram(path).values()):4d} nodes"
+    bad = 0
+    if x is not None:
+        got = ort_run(path, x.numpy())
+        ok = np.allclose(got, y, rtol=1e-4, atol=1e-5)
+        bad = int(not ok)
+        msg += f"  ort max|diff| {float(np.max(np.abs(got - y))):.2e} {'ok' if ok else 'MISMATCH'}"
+    print(msg, flush=True)
+    return bad
 
 
 def histogram_markdown(hist: dict[str, dict[str, dict[str, int]]], forms: list[str]) -> str:
@@ -142,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forms", help=f"comma-separated forms (default: {','.join(FORMS)})")
     ap.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis")
     ap.add_argument("--verify", action="store_true", help="check each export with ONNX Runtime")
+    ap.add_argument("--no-deploy", action="store_true",
+                    help="skip the hand-written deploy form (<form>.deploy.onnx)")
     ap.add_argument("--histogram", nargs="?", const=str(REPO / "models" / "EXPORTS.md"),
                     metavar="MD_PATH", help="write op histograms to MD_PATH "
                     "(default models/EXPORTS.md)")
@@ -152,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     forms = _split(args.forms, FORMS, "form")
     with tempfile.TemporaryDirectory() as tmp:
         outdir = Path(args.outdir) if args.outdir else Path(tmp)
-        hist = export_all(outdir, names, forms, args.dynamic_batch, args.verify)
+        hist = export_all(outdir, names, forms, args.dynamic_batch, args.verify,
+                          with_deploy=not args.no_deploy)
     if args.histogram:
         write_markdown(Path(args.histogram), histogram_markdown(hist, forms))
         print(f"wrote {args.histogram}")
