@@ -20,9 +20,6 @@ from models.export import FORMS, export_onnx  # noqa: E402
 from onnxrep import verify as V  # noqa: E402
 
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-#: entries whose deploy_ops keep GELU whole, which onnxrep does not do yet (issue 13); every other
-#: check of test_zoo_reaches_deploy_form still applies to them.
-GELU_PENDING = {"fastvit_stage", "repvit_block"}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +79,6 @@ def test_zoo_reaches_deploy_form(exports, tmp_path, name, form):
     hist = {}
     for n in model.graph.node:
         hist[n.op_type] = hist.get(n.op_type, 0) + 1
-    if name in GELU_PENDING and check_deploy_ops(ZOO[name].deploy_ops, hist):
-        pytest.xfail("GELU not yet kept whole (merge_linear_regions folds its Mul(0.5) into the "
-                     "next conv; dynamo's (erf + 1) * 0.5 becomes a 1x1 Conv): remove GELU_PENDING "
-                     "once that lands")
     assert check_deploy_ops(ZOO[name].deploy_ops, hist) == []
 
 
