@@ -4,6 +4,7 @@ A new rule is one module here, one test module in tests/rules/, and one line in 
 """
 from .border_fill import CanonicalizeBorderFill
 from .dead_channels import RemoveDeadChannels
+from .fold_linear_affine import FoldLinearAffine
 from .fuse_bn_conv import FuseBnConv
 from .fuse_conv_bn import FuseConvBn
 from .merge_linear_regions import MergeLinearRegions
@@ -17,6 +18,7 @@ REGISTRY = [
     FuseConvBn,
     FuseBnConv,
     MergeLinearRegions,
+    FoldLinearAffine,
     FoldConvIntoFc,
     RemoveDeadChannels,
     RmResidual,
