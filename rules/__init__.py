@@ -18,8 +18,8 @@ REGISTRY = [
     FuseConvBn,
     FuseBnConv,
     MergeLinearRegions,
-    FoldLinearAffine,
     FoldConvIntoFc,
+    FoldLinearAffine,
     RemoveDeadChannels,
     RmResidual,
 ]

@@ -387,6 +387,7 @@ class Region:
     out: gs.Tensor
     form: Form | None
     why_not: str | None = None
+    shape: np.ndarray | None = None  # what the merged MatMul's output is reshaped to (_out_shape)
 
 
 class FoldLinearAffine(Rule):
@@ -406,12 +407,13 @@ class FoldLinearAffine(Rule):
         try:
             form = walker.form(out)
         except (NotLinear, K.NotMergeable) as e:
-            if _near_miss(node):
+            if _near_miss(node) or "runtimes fuse" in str(e):
                 stops = "; ".join(dict.fromkeys(walker.stops))
                 return Region(node, out, None, f"{e}" + (f" (walk stopped: {stops})" if stops else ""))
             return None
         if len(form.nodes) < 2 or not any(n.op in MATRIX_OPS for n in form.nodes):
-            return None
+            fused = [s for s in walker.stops if "runtimes fuse" in s]
+            return Region(node, out, None, fused[0]) if fused else None
         if _already_deploy(form.nodes):
             return None  # what this rule would write: a fixed point
         return Region(node, out, form)
@@ -429,7 +431,8 @@ class FoldLinearAffine(Rule):
                 if r:
                     return r
         src, out = form.source, region.out
-        if not _same_dims(src.shape[:-1], out.shape[:-1]) and G.static_shape(out) is None:
+        region.shape = _out_shape(region)
+        if region.shape is None:
             return "the region regroups the token axes and the output shape is not static"
         before = sum(_cost(n) for n in form.nodes if not _free_affine(n, form.nodes))
         after = _numel(out) * form.spec.cin + _numel(out) + _numel(src)
@@ -439,6 +442,7 @@ class FoldLinearAffine(Rule):
 
     def rewrite(self, region: Region, ctx):
         form, out = region.form, region.out
+        out_shape = region.shape if region.shape is not None else _out_shape(region)  # reads the root
         spec = K.regroup(form.spec, 1)
         src = form.source
         dtype = L.data_dtype(*[t for n in form.nodes for t in n.inputs[1:]], out)
@@ -452,7 +456,7 @@ class FoldLinearAffine(Rule):
             node = L.make_conv(g, spec, src, out, dtype, main)
             return Rewrite("", names, [node.name], f"{len(names)} ops → Gemm {spec.cin}→{spec.cout}")
         created = []
-        reshape = not _same_dims(src.shape[:-1], out.shape[:-1])
+        reshape = out_shape.size > 0
         has_bias = bool(np.any(spec.bias != 0))
         final_dims = list(src.shape[:-1]) + [spec.cout]
         mm_out = out if not (has_bias or reshape) else G.new_variable(g, f"{main}_mm", dtype=out.dtype, shape=final_dims)
@@ -468,11 +472,30 @@ class FoldLinearAffine(Rule):
             created.append(name)
             cur = nxt
         if reshape:
-            shape = G.new_constant(g, f"{main}_shape", np.asarray(G.static_shape(out), dtype=np.int64))
+            shape = G.new_constant(g, f"{main}_shape", out_shape)
             name = G.unique_node_name(g, f"{main}_reshape")
             g.nodes.append(gs.Node("Reshape", name, {}, [cur, shape], [out]))
             created.append(name)
         return Rewrite("", names, created, f"{len(names)} ops → MatMul {spec.cin}→{spec.cout}")
+
+
+def _out_shape(region: Region) -> np.ndarray | None:
+    """The shape to Reshape the merged MatMul's output to: empty when the source's token axes are
+    the output's (no Reshape); the output's static shape; or, with dynamic dims, the constant shape
+    of the region's own final Reshape (without 0s, which would copy dims of a different input).
+    None when there is none."""
+    src, out = region.form.source, region.out
+    if _same_dims(src.shape[:-1], out.shape[:-1]):
+        return np.zeros(0, dtype=np.int64)
+    static = G.static_shape(out)
+    if static is not None:
+        return np.asarray(static, dtype=np.int64)
+    root = region.root
+    if root.op == "Reshape" and root.outputs[0] is out and not int(root.attrs.get("allowzero", 0)):
+        shape = G.const(root.inputs[1])
+        if shape is not None and shape.ndim == 1 and not np.any(shape == 0):
+            return np.asarray(shape, dtype=np.int64)
+    return None
 
 
 def _already_deploy(nodes) -> bool:
