@@ -57,8 +57,6 @@ SUM_OPS = ("Add", "Sub", "Sum")
 REGROUP_OPS = ("Reshape", "Flatten")
 WALKED = frozenset(MATRIX_OPS + AFFINE_OPS + SUM_OPS + REGROUP_OPS + ("Transpose",))
 MAX_DEPTH = 64
-# ops a runtime fuses with their neighbours into LayerNorm / RMSNorm / GELU kernels
-_NORM_PATH = ("Div", "Mul", "Sub", "Add", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast")
 
 
 @dataclass
@@ -86,32 +84,6 @@ def _same_dims(a, b) -> bool:
     if a is None or b is None or len(a) != len(b):
         return False
     return all(x == y and x is not None and not (isinstance(x, str) and not x) for x, y in zip(a, b))
-
-
-def fused_by_runtime(t: gs.Tensor) -> str | None:
-    """Why an affine reading `t` belongs to a pattern runtimes fuse, or None: `t` comes out of a
-    LayerNorm/RMSNorm normalization (a Div/Mul over ReduceMean and Sqrt/Pow) or a GELU (Erf/Tanh
-    a few elementwise ops up). Found by a short walk up through elementwise ops."""
-    seen, frontier, ops = set(), [t], set()
-    for _ in range(6):
-        nxt = []
-        for u in frontier:
-            n = G.producer(u)
-            if n is None or id(n) in seen:
-                continue
-            seen.add(id(n))
-            ops.add(n.op)
-            if n.op in _NORM_PATH or n.op in ("Erf", "Tanh"):
-                nxt.extend(i for i in n.inputs if not isinstance(i, gs.Constant))
-        frontier = nxt
-    first = G.producer(t)
-    if first is None or first.op not in ("Div", "Mul", "Add"):
-        return None
-    if "ReduceMean" in ops and ops & {"Sqrt", "Pow", "Reciprocal"}:
-        return "it is a LayerNorm/RMSNorm's own scale/shift (runtimes fuse the whole pattern)"
-    if ops & {"Erf", "Tanh"}:
-        return "it is part of a GELU (runtimes fuse the whole pattern)"
-    return None
 
 
 def _const_and_data(node: gs.Node):
@@ -273,7 +245,7 @@ class Walker:
     def _affine(self, node, aff: L.Affine, depth) -> Form:
         inner = self.operand(aff.x, node, depth)
         if not inner.nodes and node.op != "BatchNormalization":
-            why = fused_by_runtime(aff.x)
+            why = L.fused_by_runtime(aff.x)
             if why:
                 raise NotLinear(f"{node.op} is not folded: {why}")
         cout = inner.spec.cout
@@ -471,7 +443,9 @@ class FoldLinearAffine(Rule):
             g.nodes.append(gs.Node("Add", name, {}, [cur, b], [nxt]))
             created.append(name)
             cur = nxt
-        if reshape:
+        if reshape and _reshaped_again(g, out):
+            out.outputs[0].inputs[0] = cur  # Reshape∘Reshape is the outer Reshape: no second one
+        elif reshape:
             shape = G.new_constant(g, f"{main}_shape", out_shape)
             name = G.unique_node_name(g, f"{main}_reshape")
             g.nodes.append(gs.Node("Reshape", name, {}, [cur, shape], [out]))
@@ -496,6 +470,19 @@ def _out_shape(region: Region) -> np.ndarray | None:
         if shape is not None and shape.ndim == 1 and not np.any(shape == 0):
             return np.asarray(shape, dtype=np.int64)
     return None
+
+
+def _reshaped_again(graph, out: gs.Tensor) -> bool:
+    """Whether `out`'s only reader is a Reshape to a constant shape without 0s (which would copy
+    dims of its own input): reshaping to `out` first is then redundant (dynamo writes LeViT's
+    reshape_as and the head split that follows it as one such Reshape)."""
+    if G.is_graph_output(graph, out) or len(out.outputs) != 1:
+        return False
+    r = out.outputs[0]
+    if r.op != "Reshape" or r.inputs[0] is not out or int(r.attrs.get("allowzero", 0)):
+        return False
+    shape = G.const(r.inputs[1]) if len(r.inputs) > 1 else None
+    return shape is not None and shape.ndim == 1 and not np.any(shape == 0)
 
 
 def _already_deploy(nodes) -> bool:
