@@ -38,7 +38,6 @@ the whole pattern into one kernel): it is left alone.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,8 +47,6 @@ from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
 from onnxrep.engine import Rewrite, Rule
-
-from .merge_linear_regions import node_cost
 
 MATRIX_OPS = ("MatMul", "Gemm", "Einsum")
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div", "BatchNormalization")
@@ -72,12 +69,35 @@ class NotLinear(Exception):
     pass
 
 
-def _last(t: gs.Tensor) -> int | None:
+def _last(t: gs.Tensor, depth: int = 0) -> int | None:
+    """The size of t's last (channel) axis: from its shape, or, where shape inference lost it
+    (shapes computed at run time from a dynamic batch), from the constant weight of the MatMul/Gemm
+    that makes or reads it, a BN on rows, or the data operand of a per-channel affine."""
     shape = t.shape
-    if not shape:
+    if shape:
+        d = shape[-1]
+        if isinstance(d, (int, np.integer)) and d > 0:
+            return int(d)
+    if depth > 8:
         return None
-    d = shape[-1]
-    return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
+    n = G.producer(t)
+    if n is not None and n.op in MATRIX_OPS:
+        m = matrix_of(n)
+        if not isinstance(m, str):
+            return m[0].cout
+    if n is not None and n.op == "BatchNormalization" and G.rank(t) == 2:
+        scale = G.const(n.inputs[1]) if len(n.inputs) > 1 else None
+        return None if scale is None else int(scale.size)
+    if n is not None and n.op in ("Mul", "Add", "Sub", "Div") and len(n.inputs) == 2:
+        cd = _const_and_data(n)
+        if cd is not None and cd[1].size == 1:  # a scalar keeps the shape
+            return _last(cd[0], depth + 1)
+    for r in t.outputs:
+        if r.op == "MatMul" and r.inputs[0] is t:
+            w = G.const(r.inputs[1])
+            if w is not None and w.ndim == 2:
+                return int(w.shape[0])
+    return None
 
 
 def _same_dims(a, b) -> bool:
@@ -121,7 +141,7 @@ def axis_affine(node: gs.Node, axis: int | None = None) -> L.Affine | str:
     where = "the last axis" if axis is None else f"axis {axis % r}"
     if v is None:
         return f"{node.op} constant of shape {list(c.shape)} is not per-channel on {where}"
-    ch = x.shape[-1 if axis is None else axis]
+    ch = _last(x) if axis is None else x.shape[axis]
     if v.size > 1 and ch != v.size:
         return f"{node.op} constant has {v.size} channels, its input {ch} (it would broadcast)"
     v = v.astype(np.float64)
@@ -184,6 +204,7 @@ class Walker:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self.stops: list[str] = []
+        self.shape_read: list[gs.Tensor] = []  # walked through, though Shape nodes read them too
 
     def leaf(self, t: gs.Tensor) -> Form:
         c = _last(t)
@@ -201,6 +222,14 @@ class Walker:
             if G.private_to(self.graph, t, reader):
                 try:
                     return self.form(t, depth + 1)
+                except (NotLinear, K.NotMergeable) as e:
+                    self.stops.append(f"'{t.name}': {e}")
+            elif _only_shape_readers_besides(self.graph, t, reader):
+                # reshape_as(t) with a dynamic batch: Shape(t) reads t's shape, not its values
+                try:
+                    f = self.form(t, depth + 1)
+                    self.shape_read.append(t)
+                    return f
                 except (NotLinear, K.NotMergeable) as e:
                     self.stops.append(f"'{t.name}': {e}")
             else:
@@ -256,12 +285,15 @@ class Walker:
 
     def _sum(self, node, depth) -> Form:
         out = node.outputs[0]
-        if any(not _same_dims(i.shape, out.shape) for i in node.inputs):
-            raise NotLinear(f"{node.op} broadcasts its terms")
         signs = [1.0] * len(node.inputs)
         if node.op == "Sub":
             signs[1] = -1.0
         terms = [(self.operand(t, node, depth), s) for t, s in zip(node.inputs, signs)]
+        if any(not _same_dims(i.shape, out.shape) for i in node.inputs) and any(
+                n.op in REGROUP_OPS for f, _ in terms for n in f.nodes):
+            # without a Reshape in any term, every term has the source's shape (MatMul and
+            # last-axis affines keep the leading axes); with one, only known equal shapes are safe
+            raise NotLinear(f"{node.op} may broadcast its terms (shapes not provably equal)")
         if len({id(f.source) for f, _ in terms}) != 1:
             names = ", ".join(sorted({f"'{f.source.name}'" for f, _ in terms}))
             raise NotLinear(f"terms of the sum read different tensors ({names})")
@@ -323,34 +355,61 @@ class Walker:
         return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer])
 
 
-def _escapes(graph, nodes, root_out) -> str | None:
+def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
+    """Whether an intermediate is a graph output or read outside the region (a Shape node reading
+    a tensor of `shape_read` excepted: it is moved to the region's output, which has that shape)."""
     inside = {id(n) for n in nodes}
+    shaped = {id(t) for t in shape_read}
     for n in nodes:
         for o in n.outputs:
             if o is root_out or not (o.outputs or G.is_graph_output(graph, o)):
                 continue
             if G.is_graph_output(graph, o):
                 return f"intermediate '{o.name}' is a graph output"
-            if any(id(r) not in inside for r in o.outputs):
+            if any(id(r) not in inside and not (r.op == "Shape" and id(o) in shaped) for r in o.outputs):
                 return f"intermediate '{o.name}' is read outside the region"
     return None
 
 
-def _numel(t: gs.Tensor) -> int:
-    shape = t.shape or ()
-    dims = [d if isinstance(d, (int, np.integer)) and d > 0 else (1 if i == 0 else 32) for i, d in enumerate(shape)]
-    if dims:
-        dims[0] = 1
-    return int(math.prod(dims))
+def _only_shape_readers_besides(graph, t: gs.Tensor, reader: gs.Node) -> bool:
+    others = [r for r in t.outputs if r is not reader]
+    return (not G.is_graph_output(graph, t) and any(r is reader for r in t.outputs) and bool(others)
+            and all(r.op == "Shape" for r in others))
 
 
-def _cost(n: gs.Node) -> int:
-    if n.op in ("Reshape", "Flatten"):
+def _shape_of(root: gs.Node) -> gs.Tensor | None:
+    """t when `root` is Reshape(y, Shape(t)) (PyTorch's reshape_as(t), dynamic shapes)."""
+    if root.op != "Reshape" or len(root.inputs) < 2:
+        return None
+    sh = G.producer(root.inputs[1])
+    if sh is None or sh.op != "Shape" or sh.attrs.get("start") not in (None, 0) or "end" in sh.attrs:
+        return None
+    return sh.inputs[0]
+
+
+def _same_shape_as_out(region, t: gs.Tensor) -> bool:
+    """Whether `t` provably has the region output's shape, so Shape(t) may read the output instead."""
+    return _shape_of(region.root) is t or (G.static_shape(t) is not None and _same_dims(t.shape, region.out.shape))
+
+
+def _row_cost(n: gs.Node) -> int:
+    """MACs plus elements read and written per row (token) of a region's node: every node of the
+    region sees the same rows, regrouped, so per-row costs compare regions whatever the batch and
+    token counts (which may be unknown here). As merge_linear_regions.node_cost, per row."""
+    if n.op in REGROUP_OPS:
         return 0  # a view at run time
-    if n.op == "Einsum":
-        w = n.inputs[1]
-        return _numel(n.outputs[0]) * (int(w.shape[0]) * int(w.shape[1]) // _last(n.outputs[0]) + 1) + _numel(n.inputs[0])
-    return node_cost(n)
+    out = _last(n.outputs[0]) or 1
+    if n.op in MATRIX_OPS:
+        m = matrix_of(n)
+        cin = m[0].cin if not isinstance(m, str) else out
+        return cin * out + cin + out
+    reads = sum(_last(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
+    return out + out + reads
+
+
+def _merged_row_cost(spec: K.ConvSpec) -> int:
+    cost = spec.cin * spec.cout + spec.cin + spec.cout
+    return cost + 3 * spec.cout if np.any(spec.bias != 0) else cost
 
 
 @dataclass
@@ -360,6 +419,7 @@ class Region:
     form: Form | None
     why_not: str | None = None
     shape: np.ndarray | None = None  # what the merged MatMul's output is reshaped to (_out_shape)
+    shape_read: list = field(default_factory=list)  # intermediates Shape nodes read (Walker.shape_read)
 
 
 class FoldLinearAffine(Rule):
@@ -388,28 +448,33 @@ class FoldLinearAffine(Rule):
             return Region(node, out, None, fused[0]) if fused else None
         if _already_deploy(form.nodes):
             return None  # what this rule would write: a fixed point
-        return Region(node, out, form)
+        return Region(node, out, form, shape_read=list(walker.shape_read))
 
     def check(self, region: Region, ctx):
         if region.form is None:
             return region.why_not
         form = region.form
-        reason = _escapes(ctx.graph, form.nodes, region.out)
+        inside = {id(n) for n in form.nodes}
+        region.shape_read = [t for t in region.shape_read if id(G.producer(t)) in inside]
+        reason = _escapes(ctx.graph, form.nodes, region.out, region.shape_read)
         if reason:
             return reason
+        for t in region.shape_read:
+            if not _same_shape_as_out(region, t):
+                return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
         for n in form.nodes:
             if n.op in MATRIX_OPS:
                 r = G.shared_constant_reason(n.inputs[1])
                 if r:
                     return r
-        src, out = form.source, region.out
         region.shape = _out_shape(region)
-        if region.shape is None:
+        if region.shape is None and not _reshaped_again(ctx.graph, region.out):
             return "the region regroups the token axes and the output shape is not static"
-        before = sum(_cost(n) for n in form.nodes if not _free_affine(n, form.nodes))
-        after = _numel(out) * form.spec.cin + _numel(out) + _numel(src)
+        before = sum(_row_cost(n) for n in form.nodes if not _free_affine(n, form.nodes))
+        after = _merged_row_cost(form.spec)
         if after > before and not ctx.options.aggressive:
-            return f"merged MatMul would cost more ({after:,} vs {before:,} MACs+elements moved); --aggressive merges anyway"
+            return (f"merged MatMul would cost more ({after:,} vs {before:,} MACs+elements moved per token); "
+                    "--aggressive merges anyway")
         return None
 
     def rewrite(self, region: Region, ctx):
@@ -421,6 +486,9 @@ class FoldLinearAffine(Rule):
         names = [n.name for n in form.nodes]
         main = next((n for n in form.nodes if n.op in MATRIX_OPS), form.nodes[-1]).name
         main = main or G.unique_node_name(ctx.graph, "onnxrep_matmul")
+        for t in region.shape_read:
+            for r in [r for r in t.outputs if r.op == "Shape"]:
+                r.inputs[0] = out  # same shape (_same_shape_as_out); the region no longer makes t
         for n in form.nodes:
             G.remove_node(n)
         g = ctx.graph
@@ -428,7 +496,7 @@ class FoldLinearAffine(Rule):
             node = L.make_conv(g, spec, src, out, dtype, main)
             return Rewrite("", names, [node.name], f"{len(names)} ops → Gemm {spec.cin}→{spec.cout}")
         created = []
-        reshape = out_shape.size > 0
+        reshape = out_shape is None or out_shape.size > 0
         has_bias = bool(np.any(spec.bias != 0))
         final_dims = list(src.shape[:-1]) + [spec.cout]
         mm_out = out if not (has_bias or reshape) else G.new_variable(g, f"{main}_mm", dtype=out.dtype, shape=final_dims)
@@ -459,7 +527,13 @@ def _out_shape(region: Region) -> np.ndarray | None:
     of the region's own final Reshape (without 0s, which would copy dims of a different input).
     None when there is none."""
     src, out = region.form.source, region.out
-    if _same_dims(src.shape[:-1], out.shape[:-1]):
+    twin = _shape_of(region.root)
+    if not any(n.op in REGROUP_OPS for n in region.form.nodes):
+        return np.zeros(0, dtype=np.int64)  # MatMul, last-axis affines and sums keep the token axes
+    if _same_dims(src.shape[:-1], out.shape[:-1]) or (
+            twin is not None and id(G.producer(twin)) in {id(n) for n in region.form.nodes}
+            and G.producer(twin).op in ("MatMul", "Einsum") and _same_dims(src.shape[:-1], twin.shape[:-1])):
+        # (reshape_as a MatMul output of the region: the output has the source's token axes)
         return np.zeros(0, dtype=np.int64)
     static = G.static_shape(out)
     if static is not None:

@@ -187,6 +187,30 @@ def test_dynamic_batch_bn_pair():
     assert_equivalent(m, out, feeds=feeds)
 
 
+def test_reshape_as_via_shape_node():
+    """reshape_as(h) written as Reshape(BN(Flatten(h)), Shape(h)): Shape reads h's shape only; the
+    fold moves it to the output (same shape) and the BN goes."""
+    b = GraphBuilder(17)
+    x = b.input(["batch", 5, 8])
+    h = b.matmul(x, 8, 8)
+    y = b.op("Reshape", [b.bn(b.op("Flatten", [h], axis=2), 8), b.op("Shape", [h])])
+    m = b.build(b.relu(y))
+    out, report = run_rules(m, RULE)
+    assert ops(out) == {"MatMul": 1, "Add": 1, "Relu": 1}
+    feeds = {"x_1": np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)}
+    assert_equivalent(m, out, feeds=feeds)
+
+
+def test_head_split_reshape_absorbs_the_regroup():
+    """Dynamo's Reshape [B·N, C] → [B, N, heads, d] right after the BN: the fold feeds it directly,
+    with no second Reshape."""
+    b = GraphBuilder(18)
+    x = b.input([2, 5, 8])
+    f = b.op("Reshape", [b.matmul(x, 8, 8), b.ints([-1, 8])])
+    y = b.op("Reshape", [b.bn(f, 8), b.ints([2, 5, 2, 4])])
+    folded(b.build(b.relu(y)), {"MatMul": 1, "Add": 1, "Reshape": 1, "Relu": 1})
+
+
 # -- negative --------------------------------------------------------------------------------------
 def test_nonlinearity_between_lora_matmuls():
     """x·W + Relu(x·A)·B: the adapter is not linear; nothing merges."""
@@ -270,6 +294,16 @@ def test_transpose_pair_that_does_not_undo_itself_declines():
     t = b.op("Transpose", [b.matmul(x, 4, 4)], perm=[0, 2, 1])
     m = b.build(b.relu(b.op("Transpose", [b.bn(t, 4)], perm=[1, 0, 2])))
     declined_by(RULE, m, "does not undo")
+
+
+def test_shape_read_of_a_tensor_with_another_shape_declines():
+    """Shape(h) where h is [B, 5, 8] but the region's output is [B·5, 8]: Shape cannot be moved."""
+    b = GraphBuilder(33)
+    x = b.input(["batch", 5, 8])
+    h = b.matmul(x, 8, 8)
+    y = b.bn(b.op("Reshape", [h, b.ints([-1, 8])]), 8)
+    m = b.build(b.relu(y), b.op("Shape", [h]))
+    declined_by(RULE, m, "Shape")
 
 
 def test_sum_with_broadcast_terms_declines():
