@@ -581,8 +581,8 @@ def _near_miss(node: gs.Node) -> bool:
     residual Add or an attention reshape failing is the normal case, not a near miss.)"""
     ups = [G.producer(i) for i in node.inputs[:1] if i is not None]
     up = ups[0] if ups else None
-    if node.op == "BatchNormalization":
-        return True
+    if node.op == "BatchNormalization":  # on tokens (a conv's BN is other rules' business)
+        return up is not None and up.op in MATRIX_OPS + REGROUP_OPS + ("Transpose",)
     if node.op in ("Mul", "Add", "Sub", "Div"):
         cd = _const_and_data(node) if len(node.inputs) == 2 else None
         u = G.producer(cd[0]) if cd else None

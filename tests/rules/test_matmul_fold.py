@@ -118,6 +118,24 @@ def test_affine_before_linear_on_tokens():
     folded(b.build(linear(b, a, 8, 4)), {"MatMul": 1, "Add": 1, "Relu": 1})
 
 
+def test_bn1d_in_a_flatten_pair_before_a_linear():
+    """Flatten → BN → Reshape (BN1d on tokens) before a Linear folds into its input columns."""
+    b = GraphBuilder(19)
+    x = b.relu(b.input([2, 5, 8]))
+    n = b.op("Reshape", [b.bn(b.op("Flatten", [x], axis=2), 8), b.ints([2, 5, 8])])
+    folded(b.build(b.relu(linear(b, n, 8, 4))), {"MatMul": 1, "Add": 1, "Relu": 2})
+
+
+def test_conv_bn_gets_no_token_decline():
+    """A BN after a Conv is not a token affine: this rule stays silent about it."""
+    b = GraphBuilder(34)
+    x = b.input([1, 4, 6, 6])
+    c = b.conv(x, 4, 4, 3)
+    m = b.build(b.relu(b.bn(c, 4)), c)
+    out, report = run_rules(m, RULE)
+    assert report.declines == []
+
+
 def test_transposed_weight_is_constant_folded():
     """MatMul(x, Transpose(W)) (x·Wᵀ as exporters write nn.Linear) folds after constant folding."""
     b = GraphBuilder(10)
