@@ -82,9 +82,9 @@ def _last(t: gs.Tensor, depth: int = 0) -> int | None:
         return None
     n = G.producer(t)
     if n is not None and n.op in MATRIX_OPS:
-        m = matrix_of(n)
-        if not isinstance(m, str):
-            return m[0].cout
+        dims = matrix_dims(n)
+        if dims is not None:
+            return dims[1]
     if n is not None and n.op == "BatchNormalization" and G.rank(t) == 2:
         scale = G.const(n.inputs[1]) if len(n.inputs) > 1 else None
         return None if scale is None else int(scale.size)
@@ -94,9 +94,27 @@ def _last(t: gs.Tensor, depth: int = 0) -> int | None:
             return _last(cd[0], depth + 1)
     for r in t.outputs:
         if r.op == "MatMul" and r.inputs[0] is t:
-            w = G.const(r.inputs[1])
-            if w is not None and w.ndim == 2:
-                return int(w.shape[0])
+            dims = matrix_dims(r)
+            if dims is not None:
+                return dims[0]
+    return None
+
+
+def matrix_dims(node: gs.Node) -> tuple[int, int] | None:
+    """(Cin, Cout) of a MatMul/Gemm/Einsum with a constant 2-D weight, from the weight's shape alone
+    (reading a large weight to learn its size would cost a float64 copy)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant) or w.shape is None or len(w.shape) != 2:
+        return None
+    a, b = (int(d) for d in w.shape)
+    if node.op == "MatMul":
+        return a, b
+    if node.op == "Gemm":
+        return (b, a) if int(node.attrs.get("transB", 0)) else (a, b)
+    if node.op == "Einsum":
+        eq = node.attrs.get("equation", "")
+        tr = K.einsum_matrix(eq.decode() if isinstance(eq, bytes) else eq)
+        return None if tr is None else ((b, a) if tr else (a, b))
     return None
 
 
@@ -215,7 +233,7 @@ class Walker:
         dt = G.dtype_of(t)
         if dt is not None and not np.issubdtype(dt, np.floating):
             raise NotLinear(f"'{t.name}' is not floating point")
-        return Form(t, K.ConvSpec(np.eye(c), None), [])
+        return Form(t, K.identity(c, 0), [])  # depthwise: no C×C matrix until one is needed
 
     def operand(self, t: gs.Tensor, reader: gs.Node, depth: int) -> Form:
         if G.producer(t) is not None:
@@ -400,8 +418,8 @@ def _row_cost(n: gs.Node) -> int:
         return 0  # a view at run time
     out = _last(n.outputs[0]) or 1
     if n.op in MATRIX_OPS:
-        m = matrix_of(n)
-        cin = m[0].cin if not isinstance(m, str) else out
+        dims = matrix_dims(n)
+        cin = dims[0] if dims is not None else out
         return cin * out + cin + out
     reads = sum(_last(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
     return out + out + reads
@@ -435,6 +453,8 @@ class FoldLinearAffine(Rule):
             return None
         if not any(G.producer(i) is not None and G.producer(i).op in WALKED for i in node.inputs):
             return None  # a region of one op
+        if _plain_linear(ctx.graph, node):
+            return None  # a Linear as exported, nothing foldable around it: skip reading its weight
         walker = Walker(ctx.graph)
         try:
             form = walker.form(out)
@@ -557,6 +577,25 @@ def _reshaped_again(graph, out: gs.Tensor) -> bool:
         return False
     shape = G.const(r.inputs[1]) if len(r.inputs) > 1 else None
     return shape is not None and shape.ndim == 1 and not np.any(shape == 0)
+
+
+def _plain_linear(graph, node: gs.Node) -> bool:
+    """Structurally, whether the walk from `node` can only find a Linear as exported: `node` is a
+    MatMul/Gemm, or a bias Add (constant operand) right after one, and the matrix op's input is
+    not something the walk could take in (its producer is not walked, or others read it)."""
+    mm = node
+    if node.op in ("Add",) and len(node.inputs) == 2:
+        cd = _const_and_data(node)
+        if cd is None:
+            return False
+        mm = G.producer(cd[0])
+        if mm is None or not G.private_to(graph, cd[0], node):
+            return False
+    if mm.op not in ("MatMul", "Gemm"):
+        return False
+    x = mm.inputs[0]
+    up = G.producer(x)
+    return up is None or up.op not in WALKED or not G.private_to(graph, x, mm)
 
 
 def _already_deploy(nodes) -> bool:
