@@ -43,7 +43,7 @@ from .resnet import resnet18, resnet50
 from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
-from .transformers import ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMLP, ViTLayerScaleBlock
+from .transformers import ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMLP, LoRAQKVAttention, ViTLayerScaleBlock
 
 __all__ = [
     "ZOO",
@@ -303,3 +303,11 @@ _register(
     "Self-attention (2 heads, 16 tokens) with LoRA on q (rank 4) and v (rank 8)",
     "The q and v adapters merge into their projections: q, k, v, proj + the two attention MatMuls "
     "= 6 MatMul, as many as without adapters.")
+_register(
+    "lora_qkv", LoRAQKVAttention, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 4, "Add": 2, "Split": 1},
+    "Self-attention with one fused qkv Linear split into q, k, v, LoRA on the q (rank 4) and v "
+    "(rank 8) slices",
+    "Each adapter merges into its columns of the qkv weight (loralib's MergedLinear merge; rule "
+    "fold_branch_into_slice): qkv, q.kT, attn.v, proj = 4 MatMul, as without adapters; the Split "
+    "stays.")

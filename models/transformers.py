@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["LinearBN", "LeViTBlock", "LayerScale", "ViTLayerScaleBlock", "ConvNeXtBlock",
-           "LoRALinear", "LoRAMLP", "LoRAAttention", "to_tokens"]
+           "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "to_tokens"]
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -220,3 +220,41 @@ class LoRAAttention(nn.Module):
     def merge(self) -> None:
         self.attn.q.merge()
         self.attn.v.merge()
+
+
+class LoRAQKVAttention(nn.Module):
+    """Self-attention with one fused qkv Linear (ViT's) and LoRA adapters on its q and v slices
+    (rank 4 and 8), added after the split: q = qkv[..., :C] + s·B_q(A_q(x)), v likewise."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8)):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lora_q = nn.Sequential(nn.Linear(dim, ranks[0], bias=False), nn.Linear(ranks[0], dim, bias=False))
+        self.lora_v = nn.Sequential(nn.Linear(dim, ranks[1], bias=False), nn.Linear(ranks[1], dim, bias=False))
+        for r, m in zip(ranks, (self.lora_q, self.lora_v)):
+            nn.init.normal_(m[1].weight, std=1.0 / math.sqrt(r))
+        self.scaling = (2.0, 0.5)
+        self.proj = nn.Linear(dim, dim)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split(self.dim, dim=-1)
+        if not self.merged:
+            q = q + self.lora_q(x) * self.scaling[0]
+            v = v + self.lora_v(x) * self.scaling[1]
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * (self.dim // self.heads) ** -0.5
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """loralib's MergedLinear merge: each adapter into its columns of the qkv weight."""
+        if self.merged:
+            return
+        c = self.dim
+        for i, (m, s) in zip((0, 2), ((self.lora_q, self.scaling[0]), (self.lora_v, self.scaling[1]))):
+            self.qkv.weight[i * c:(i + 1) * c] += s * (m[1].weight @ m[0].weight)
+        self.merged = True

@@ -4,6 +4,7 @@ A new rule is one module here, one test module in tests/rules/, and one line in 
 """
 from .border_fill import CanonicalizeBorderFill
 from .dead_channels import RemoveDeadChannels
+from .fold_branch_into_slice import FoldBranchIntoSlice
 from .fold_linear_affine import FoldLinearAffine
 from .fuse_bn_conv import FuseBnConv
 from .fuse_conv_bn import FuseConvBn
@@ -20,6 +21,7 @@ REGISTRY = [
     MergeLinearRegions,
     FoldConvIntoFc,
     FoldLinearAffine,
+    FoldBranchIntoSlice,
     RemoveDeadChannels,
     RmResidual,
 ]

@@ -28,7 +28,7 @@ from onnxrep.bench import bench  # noqa: E402
 from models import ZOO  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 
-MODELS = ("levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention")
+MODELS = ("levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv")
 
 
 def wide(name: str, dim: int, side: int):
@@ -44,7 +44,8 @@ def wide(name: str, dim: int, side: int):
             "vit_layerscale": partial(T.ViTLayerScaleBlock, dim, heads=dim // 64, mlp_ratio=4),
             "convnext": partial(T.ConvNeXtBlock, dim),
             "lora_mlp": partial(T.LoRAMLP, dim, 4 * dim),
-            "lora_attention": partial(T.LoRAAttention, dim, heads=dim // 64)}[name]
+            "lora_attention": partial(T.LoRAAttention, dim, heads=dim // 64),
+            "lora_qkv": partial(T.LoRAQKVAttention, dim, heads=dim // 64)}[name]
     shape = (1, dim, side, side)
     torch.manual_seed(0)
     return calibrate(make(), shape), shape

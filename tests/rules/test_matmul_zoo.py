@@ -80,7 +80,7 @@ def test_no_layer_scale_mul_left(tmp_path, name, gammas):
     assert per_channel(out) == []
 
 
-@pytest.mark.parametrize("name", ["lora_mlp", "lora_attention"])
+@pytest.mark.parametrize("name", ["lora_mlp", "lora_attention", "lora_qkv"])
 def test_lora_as_many_matmuls_as_without_adapters(tmp_path, name):
     """LoRA: the optimized graph has the MatMul/Gemm count and ops of loralib's merged export."""
     model, train, out, _ = optimized(name, tmp_path)
@@ -105,7 +105,7 @@ def test_second_run_changes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("name, form", [("levit", "legacy"), ("levit", "dynamo"), ("lora_mlp", "legacy"),
-                                        ("vit_layerscale", "legacy")])
+                                        ("vit_layerscale", "legacy"), ("lora_qkv", "legacy")])
 def test_dynamic_batch_exports_fold_too(tmp_path, name, form):
     """With a symbolic batch the legacy exporter writes reshape_as as Reshape(y, Shape(x)) and loses
     the token count in shape inference; dynamo fuses reshape_as with the head split. Every BN,
