@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         hand = lambda i: f" ({c[2][i]})" if len(c) > 2 else ""  # noqa: E731
         structure.append(f"| {name} | {c[0][0]} → {c[1][0]}{hand(0)} | {c[0][1]} → {c[1][1]}{hand(1)} | "
                          f"{c[0][2]} → {c[1][2]}{hand(2)} | {c[0][3]} → {c[1][3]}{hand(3)} | "
-                         f"{report.rule_counts.get('fold_linear_affine', 0)} |")
+                         f"{sum(report.rule_counts.get(r, 0) for r in ('fold_linear_affine', 'fold_branch_into_slice'))} |")
         res = bench([str(p) for p in paths], providers=("cpu",), batches=batches, threads=args.threads,
                     warmup=args.warmup, runs=args.runs, input_shapes={"input": list(input_shape)},
                     ort_opt=args.ort_opt)
