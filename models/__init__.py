@@ -47,6 +47,7 @@ from .resnet import resnet18, resnet50
 from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
+from .transformers import ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMLP, LoRAQKVAttention, ViTLayerScaleBlock
 
 __all__ = [
     "ZOO",
@@ -295,3 +296,52 @@ _register(
     "SE (avg pool, 1x1, ReLU, 1x1, sigmoid, multiply) on each",
     "Each block's branches -> one Conv; its SE stays: AveragePool, Conv, Relu, Conv, Sigmoid, "
     "Reshape (MobileOne's view(-1, c, 1, 1), counted as Flatten), Mul, then the block's Relu.")
+
+# -- transformer blocks: linear structure around MatMul on channel-last tokens (models/transformers.py)
+# Reshape is counted as Flatten (OP_ALIASES). Each block turns its [1, 16, H, W] input into tokens
+# with one Reshape (Flatten) + Transpose; attention heads are split by a Reshape + Transpose each
+# for q, k, v and merged back by one Transpose + Reshape.
+_ATTN = {"Flatten": 5, "Transpose": 5, "Softmax": 1, "Mul": 1}  # tokens, heads, softmax, q·kᵀ scale
+_GELU = {"Div": 1, "Erf": 1}  # plus one Add and two Mul, counted per entry
+_register(
+    "levit", LeViTBlock, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 8, "Add": 8, "HardSwish": 2},
+    "LeViT block on 16 tokens: attention and MLP residuals, every Linear followed by BatchNorm1d "
+    "on the tokens flattened to [B*N, C]",
+    "Each Linear_BN (MatMul -> Flatten/Reshape -> BatchNormalization -> Reshape) becomes one MatMul "
+    "+ bias Add (LeViT's Linear_BN.fuse): 6 Linears, no BN and no Flatten/Reshape pair left; "
+    "attention's own MatMuls (q.kT, attn.v), head Reshape/Transposes, Softmax, HardSwish and the two "
+    "residual Adds stay.")
+_register(
+    "vit_layerscale", ViTLayerScaleBlock, (1, 16, 4, 4),
+    {**_ATTN, **_GELU, "Mul": 3, "MatMul": 8, "Add": 9, "LayerNormalization": 2},
+    "Pre-norm ViT block (CaiT / DeiT-III) with layer scale on both residual branches, 16 tokens",
+    "x + ls1*proj(attn(norm1(x))), x + ls2*fc2(gelu(fc1(norm2(x)))): each layer scale folds into "
+    "the Linear before it (weight columns and bias); no per-channel Mul is left. Mul 3 = the q.kT "
+    "scale and GELU's two; Add 9 = 6 Linear biases, GELU's +1, 2 residuals.")
+_register(
+    "convnext", ConvNeXtBlock, (1, 16, 8, 8),
+    {**_GELU, "Conv": 1, "Transpose": 2, "LayerNormalization": 1, "MatMul": 2, "Add": 4, "Mul": 2},
+    "ConvNeXt block: dw 7x7, channels-last LayerNorm, Linear(4C), GELU, Linear(C), gamma, residual",
+    "gamma folds into pwconv2 (weight columns and bias): no per-channel Mul is left; Mul 2 and one "
+    "Add are GELU's, the others are the two Linear biases and the residual. The permutes stay.")
+_register(
+    "lora_mlp", LoRAMLP, (1, 16, 4, 4),
+    {**_GELU, "Flatten": 1, "Transpose": 1, "MatMul": 2, "Add": 3, "Mul": 2},
+    "Transformer MLP (16->32->16, GELU) with unmerged LoRA adapters: rank 4 on fc1, rank 8 on fc2",
+    "Each x.W + b + s.(x.A).B merges into x.(W + s.A.B) + b (loralib's merge): 2 MatMul, as many "
+    "as the MLP without adapters.")
+_register(
+    "lora_attention", LoRAAttention, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 6, "Add": 4},
+    "Self-attention (2 heads, 16 tokens) with LoRA on q (rank 4) and v (rank 8)",
+    "The q and v adapters merge into their projections: q, k, v, proj + the two attention MatMuls "
+    "= 6 MatMul, as many as without adapters.")
+_register(
+    "lora_qkv", LoRAQKVAttention, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 4, "Add": 2, "Split": 1},
+    "Self-attention with one fused qkv Linear split into q, k, v, LoRA on the q (rank 4) and v "
+    "(rank 8) slices",
+    "Each adapter merges into its columns of the qkv weight (loralib's MergedLinear merge; rule "
+    "fold_branch_into_slice): qkv, q.kT, attn.v, proj = 4 MatMul, as without adapters; the Split "
+    "stays.")

@@ -575,3 +575,96 @@ def conv_as_matrix(spec: ConvSpec, in_shape: tuple[int, ...]) -> tuple[np.ndarra
         tap = spec.weight[(slice(None), slice(None)) + u]  # [Cout, Cin/group]
         m[rows, n[None, None, :], chans, qflat[None, None, :]] += tap[:, :, None]
     return m.reshape(cout * npos_out, spec.cin * npos_in), np.repeat(spec.bias, npos_out)
+
+
+# -- matrices: MatMul / Gemm / Einsum on the last axis ---------------------------------------------
+# A Linear on tokens [..., Cin] → [..., Cout] is the rank-0 ConvSpec y = W·x + b with W [Cout, Cin]:
+# the same object BatchNorm1d heads already use, so affine_after / affine_before / add / compose
+# apply unchanged. Only the reading (MatMul keeps its weight as [Cin, Cout], Gemm may transpose and
+# scale it) and the writing differ.
+def matmul_spec(weight, bias=None) -> ConvSpec:
+    """MatMul(x, weight) (+ bias) with weight [Cin, Cout], as the rank-0 ConvSpec W [Cout, Cin]."""
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2:
+        raise NotMergeable(f"MatMul weight has rank {w.ndim}, not 2")
+    return ConvSpec(w.T, bias)
+
+
+def gemm_spec(b, c=None, trans_b: bool = False, alpha: float = 1.0, beta: float = 1.0) -> ConvSpec:
+    """Gemm(x, b, c) = alpha·x·op(b) + beta·c with transA=0, op(b) = bᵀ if trans_b: W [Cout, Cin]
+    = alpha·(b if trans_b else bᵀ); c must be a scalar or a per-output vector ([Cout] or [1, Cout])."""
+    w = np.asarray(b, dtype=np.float64) * float(alpha)
+    if w.ndim != 2:
+        raise NotMergeable(f"Gemm weight has rank {w.ndim}, not 2")
+    w = w if trans_b else w.T
+    bias = None
+    if c is not None:
+        c = np.asarray(c, dtype=np.float64)
+        if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            raise NotMergeable(f"Gemm bias of shape {list(c.shape)} is not a per-output vector")
+        bias = np.broadcast_to(c.reshape(-1) * float(beta), (w.shape[0],))
+    return ConvSpec(w, bias)
+
+
+def matmul_weight(spec: ConvSpec) -> np.ndarray:
+    """The [Cin, Cout] right operand of the MatMul computing the rank-0 `spec` (groups expanded)."""
+    if spec.rank != 0:
+        raise NotMergeable("not a matrix (spatial kernel)")
+    return np.ascontiguousarray(regroup(spec, 1).weight.T)
+
+
+def last_axis_vector(c: np.ndarray, rank: int | None) -> np.ndarray | None:
+    """The per-channel vector of a constant broadcast against a tensor of `rank` whose channels lie
+    on the LAST axis (tokens [B, N, C], a Linear's output): c must be 1 on every other axis and
+    must not raise the tensor's rank. A scalar (or all-ones shape) gives a length-1 vector. None when
+    it varies along another axis (a per-token constant is not a per-channel affine)."""
+    c = np.asarray(c)
+    if c.size == 1:
+        if rank is not None and c.ndim > rank:
+            return None
+        return c.reshape(1)
+    if rank is None or c.ndim > rank or c.ndim == 0:
+        return None
+    if any(d != 1 for d in c.shape[:-1]):
+        return None
+    return c.reshape(-1)
+
+
+def axis_vector(c: np.ndarray, rank: int, axis: int) -> np.ndarray | None:
+    """As last_axis_vector for channels on `axis` of a rank-`rank` tensor (numpy broadcasting:
+    c's shape is right-aligned)."""
+    c = np.asarray(c)
+    if c.size == 1:
+        return None if c.ndim > rank else c.reshape(1)
+    if c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + tuple(c.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != axis % rank):
+        return None
+    return c.reshape(-1)
+
+
+def einsum_matrix(equation: str, weight_rank: int = 2) -> bool | None:
+    """Whether Einsum `equation` with a constant second operand is a plain matrix product on the
+    last axis, x[..., i]·W → y[..., o]: returns whether W is written [o, i] (transposed) rather
+    than [i, o]; None when it is not such a product. Accepted: '...i,io->...o', 'bni,io->bno', 'bni,oi->bno'
+    (any letters; the left operand's labels other than i pass through in order)."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or weight_rank != 2:
+        return None
+    lhs, out = eq.split("->")
+    ops_ = lhs.split(",")
+    if len(ops_) != 2:
+        return None
+    a, w = ops_
+    if len(w) != 2 or "." in w or not a or len(set(w)) != 2:
+        return None
+    i = a[-1]
+    if i == "." or i not in w or a.count(i) != 1:
+        return None
+    o = w[1] if w[0] == i else w[0]
+    if o in a or out != a[:-1] + o:
+        return None
+    if len(set(a.replace(".", ""))) != len(a.replace(".", "")):
+        return None  # a repeated label on x (a diagonal) is not a matrix product
+    return w[0] == o

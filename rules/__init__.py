@@ -19,6 +19,8 @@ ORDER = (
     "fuse_bn_conv",
     "merge_linear_regions",
     "fold_conv_into_fc",
+    "fold_linear_affine",
+    "fold_branch_into_slice",
     "remove_dead_channels",
     "rm_residual",
 )

@@ -1,0 +1,260 @@
+"""Transformer blocks whose training-time form hides linear structure around MatMul/Gemm.
+
+Each takes an image-like input [B, C, H, W] and works on its H·W tokens [B, N, C] (channels on the
+LAST axis), as a patch-embedded ViT stage does:
+
+- ``LeViTBlock`` (Graham et al., LeViT, ICCV 2021): every Linear is followed by BatchNorm1d applied
+  to the tokens flattened to [B·N, C] (``Linear_BN``); attention (q, k, v projections, Hardswish,
+  projection) and an MLP, both residual. Deploy: every BN folds into its Linear (LeViT's own
+  ``Linear_BN.fuse``); the flatten/reshape pair that only served the BN disappears.
+- ``ViTLayerScaleBlock`` (CaiT / DeiT-III, Touvron et al. 2021, 2022): pre-norm attention and MLP
+  branches, each scaled per channel by a learned ``layer_scale`` before its residual Add. Deploy:
+  the scale folds into the projection / second MLP Linear (weight columns and bias).
+- ``ConvNeXtBlock`` (Liu et al., ConvNeXt, CVPR 2022): depthwise 7×7, channels-last LayerNorm,
+  Linear(4C) → GELU → Linear(C), per-channel gamma, residual. Deploy: gamma folds into the second
+  Linear. (ConvNeXt's own code has no deploy conversion.)
+- ``LoRAMLP`` / ``LoRAAttention`` (Hu et al., LoRA, ICLR 2022): Linears with an unmerged low-rank
+  adapter ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` (rank 4 and 8, scale s = alpha / r); the attention adapts q
+  and v. Deploy: the adapter merges into its base (loralib's ``merge``): as many MatMul/Gemm as
+  the same model without adapters.
+
+q, k and v are separate Linears here (LeViT and ViT fuse them into one qkv Linear and split; the
+split is written differently by each exporter, which would make the deploy histograms differ, and
+slicing a LoRA'd qkv is not handled yet). LayerNorm is nn.LayerNorm, exported as one
+LayerNormalization op, and GELU stays whole: neither is a fold target.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["LinearBN", "LeViTBlock", "LayerScale", "ViTLayerScaleBlock", "ConvNeXtBlock",
+           "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "to_tokens"]
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, H·W, C], as a patch embedding hands tokens to a transformer stage."""
+    return x.flatten(2).transpose(1, 2)
+
+
+# -- LeViT -----------------------------------------------------------------------------------------
+class LinearBN(nn.Module):
+    """LeViT's Linear_BN: Linear without bias, then BatchNorm1d over the tokens flattened to [B·N, C]."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        """LeViT's hand-written deploy conversion: the BN scales the Linear's rows and adds a bias."""
+        bn = self.bn
+        w = bn.weight / (bn.running_var + bn.eps) ** 0.5
+        fused = nn.Linear(self.linear.in_features, self.linear.out_features)
+        fused.weight.copy_(self.linear.weight * w[:, None])
+        fused.bias.copy_(bn.bias - bn.running_mean * w)
+        return fused
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention over separate q, k, v projections; `proj` maps heads back to C."""
+
+    def __init__(self, q, k, v, proj, heads: int, key_dim: int, act: nn.Module | None = None):
+        super().__init__()
+        self.q, self.k, self.v, self.proj = q, k, v, proj
+        self.heads, self.key_dim = heads, key_dim
+        self.scale = key_dim ** -0.5
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        k = self.k(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        v = self.v(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        y = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.proj(self.act(y))
+
+
+class LeViTBlock(nn.Module):
+    """LeViT stage block on tokens: x + Attention(x), then x + MLP(x); every Linear is a LinearBN."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, key_dim: int = 8, mlp_ratio: int = 2):
+        super().__init__()
+        dv = key_dim
+        self.attn = _Attention(LinearBN(dim, heads * key_dim), LinearBN(dim, heads * key_dim),
+                               LinearBN(dim, heads * dv), LinearBN(heads * dv, dim), heads, key_dim,
+                               act=nn.Hardswish())
+        self.mlp = nn.Sequential(LinearBN(dim, dim * mlp_ratio), nn.Hardswish(), LinearBN(dim * mlp_ratio, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Replace every LinearBN by its fused Linear (LeViT's own conversion)."""
+        for parent in [self.attn, self.mlp]:
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LinearBN):
+                    setattr(parent, name, child.fuse())
+
+
+# -- layer scale -----------------------------------------------------------------------------------
+class LayerScale(nn.Module):
+    """y = layer_scale ⊙ x per channel (CaiT's gamma_1 / gamma_2, timm's LayerScale)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.layer_scale = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.layer_scale
+
+
+class ViTLayerScaleBlock(nn.Module):
+    """Pre-norm ViT block with layer scale on both residual branches (CaiT, DeiT-III)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, mlp_ratio: int = 2):
+        super().__init__()
+        hd = dim // heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim),
+                               nn.Linear(dim, dim), heads, hd)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: dw 7×7 → permute to channels-last → LayerNorm → Linear(4C) → GELU →
+    Linear(C) → gamma → permute back → residual."""
+
+    def __init__(self, dim: int = 16, mlp_ratio: int = 4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
+        self.layer_scale = nn.Parameter(1e-6 * torch.ones(dim))  # ConvNeXt's gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + (self.layer_scale * y).permute(0, 3, 1, 2)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """Linear with an unmerged low-rank adapter: x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, s = alpha / rank.
+
+    B is drawn non-zero (as after fine-tuning; LoRA initializes it to 0, which would hide a wrong
+    merge)."""
+
+    def __init__(self, cin: int, cout: int, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.base = nn.Linear(cin, cout)
+        self.lora_a = nn.Linear(cin, rank, bias=False)
+        self.lora_b = nn.Linear(rank, cout, bias=False)
+        nn.init.normal_(self.lora_b.weight, std=1.0 / math.sqrt(rank))
+        self.scaling = (alpha if alpha is not None else 2.0 * rank) / rank
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.lora_b(self.lora_a(x)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """loralib's deploy conversion: W += s·B·A, then the adapter is skipped."""
+        if not self.merged:
+            self.base.weight += self.scaling * (self.lora_b.weight @ self.lora_a.weight)
+            self.merged = True
+
+
+class LoRAMLP(nn.Module):
+    """Transformer MLP with LoRA on both Linears (rank 4 on fc1, rank 8 on fc2), GELU between."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, ranks: tuple[int, int] = (4, 8)):
+        super().__init__()
+        self.fc1 = LoRALinear(dim, hidden, ranks[0], alpha=8.0)
+        self.act = nn.GELU()
+        self.fc2 = LoRALinear(hidden, dim, ranks[1], alpha=4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(to_tokens(x))))
+
+    def merge(self) -> None:
+        self.fc1.merge()
+        self.fc2.merge()
+
+
+class LoRAAttention(nn.Module):
+    """Self-attention with LoRA on q (rank 4) and v (rank 8), as LoRA's paper adapts W_q and W_v."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8)):
+        super().__init__()
+        self.attn = _Attention(LoRALinear(dim, dim, ranks[0], alpha=4.0), nn.Linear(dim, dim),
+                               LoRALinear(dim, dim, ranks[1], alpha=16.0), nn.Linear(dim, dim), heads, dim // heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(to_tokens(x))
+
+    def merge(self) -> None:
+        self.attn.q.merge()
+        self.attn.v.merge()
+
+
+class LoRAQKVAttention(nn.Module):
+    """Self-attention with one fused qkv Linear (ViT's) and LoRA adapters on its q and v slices
+    (rank 4 and 8), added after the split: q = qkv[..., :C] + s·B_q(A_q(x)), v likewise."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8)):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lora_q = nn.Sequential(nn.Linear(dim, ranks[0], bias=False), nn.Linear(ranks[0], dim, bias=False))
+        self.lora_v = nn.Sequential(nn.Linear(dim, ranks[1], bias=False), nn.Linear(ranks[1], dim, bias=False))
+        for r, m in zip(ranks, (self.lora_q, self.lora_v)):
+            nn.init.normal_(m[1].weight, std=1.0 / math.sqrt(r))
+        self.scaling = (2.0, 0.5)
+        self.proj = nn.Linear(dim, dim)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split(self.dim, dim=-1)
+        if not self.merged:
+            q = q + self.lora_q(x) * self.scaling[0]
+            v = v + self.lora_v(x) * self.scaling[1]
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * (self.dim // self.heads) ** -0.5
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """loralib's MergedLinear merge: each adapter into its columns of the qkv weight."""
+        if self.merged:
+            return
+        c = self.dim
+        for i, (m, s) in zip((0, 2), ((self.lora_q, self.scaling[0]), (self.lora_v, self.scaling[1]))):
+            self.qkv.weight[i * c:(i + 1) * c] += s * (m[1].weight @ m[0].weight)
+        self.merged = True

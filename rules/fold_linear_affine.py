@@ -1,0 +1,643 @@
+"""fold_linear_affine: collapse a linear region on channel-last tokens into one MatMul (or Gemm).
+
+Transformers keep channels on the LAST axis ([B, N, C]); a Linear is MatMul(x, W[Cin, Cout]) + b.
+Between two non-linearities everything is again one matrix:
+
+    x ─ MatMul(W) ─ Add(b) ─ Flatten ─ BN1d ─ Reshape ─      LeViT's Linear+BatchNorm1d
+    x ─ MatMul(W) ─ Add(b) ─ Transpose ─ BN ─ Transpose ─    BN1d on [B, C, N]
+    x ─ MatMul(W) ─ Add(b) ─ Mul(γ) ─                        layer scale (CaiT, DeiT-III, ConvNeXt)
+    x ─┬─ MatMul(W) ─ Add(b) ──────────────────┐
+       └─ MatMul(A) ─ MatMul(B) ─ Mul(s) ──────┴─ Add ─      LoRA, unmerged
+    x ─ MatMul(W1) ─ MatMul(W2) ─                            Linear∘Linear, cost model decides
+  ⇒ x ─ MatMul(W') ─ Add(b') ─                               (Gemm(transB=1) when x is 2-D)
+
+The walk is merge_linear_regions' one, on the last axis: each tensor is `spec · source` with spec
+the rank-0 ConvSpec [Cout, Cin] of onnxrep.kernels, through
+
+    MatMul / Gemm / Einsum('…i,io->…o') with a constant 2-D weight    compose(form(x), W)
+    Mul/Add/Sub/Div by a constant that is 1 on all but the last axis  affine_after(form(x))
+    BatchNormalization on a 2-D tensor (its axis 1 is the last)       affine_after(form(x))
+    Reshape / Flatten keeping the last dim                            the same rows, regrouped
+    Transpose(p) → per-channel affines on axis k → Transpose(p⁻¹)     affine on the last axis
+    Add / Sub / Sum of same-shaped tensors                            add(forms)
+
+and stops at anything else, at a tensor another node reads (fan-out) or a graph output.
+
+Math: with W [Cout, Cin] (MatMul writes Wᵀ), an affine y = a⊙z + c after: W' = diag(a)·W,
+b' = a⊙b + c; before: W' = W·diag(a), b' = b + W·c; parallel: W' = ΣWᵢ, b' = Σbᵢ; sequential:
+W' = W₂·W₁, b' = W₂·b₁ + b₂. A Reshape whose input and output share the last dim C moves every
+row of C values unchanged (row-major), so it commutes with a per-row linear map.
+
+Preconditions (each declines): a constant on a non-channel axis (per-token Add, axis-1 BN on
+3-D tokens); a Reshape that changes the last dim (mixes channels with tokens); a Transpose not
+undone by its partner; a non-linearity in between; a weight shared with another node; an
+intermediate read outside the region or a graph output; a merged matrix that costs more than
+the region (a rank-r chain x·A·B without the base branch) unless --aggressive. A Mul/Add right
+after a LayerNorm/RMSNorm normalization or inside a GELU is that pattern's own (runtimes fuse
+the whole pattern into one kernel): it is left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxrep import graph as G
+from onnxrep import kernels as K
+from onnxrep import linear as L
+from onnxrep.engine import Rewrite, Rule
+
+MATRIX_OPS = ("MatMul", "Gemm", "Einsum")
+AFFINE_OPS = ("Mul", "Add", "Sub", "Div", "BatchNormalization")
+SUM_OPS = ("Add", "Sub", "Sum")
+REGROUP_OPS = ("Reshape", "Flatten")
+WALKED = frozenset(MATRIX_OPS + AFFINE_OPS + SUM_OPS + REGROUP_OPS + ("Transpose",))
+MAX_DEPTH = 64
+
+
+@dataclass
+class Form:
+    """tensor = spec · source along the last axis (rows of the leading axes regrouped at will)."""
+
+    source: gs.Tensor
+    spec: K.ConvSpec
+    nodes: list = field(default_factory=list)
+
+
+class NotLinear(Exception):
+    pass
+
+
+def _last(t: gs.Tensor, depth: int = 0) -> int | None:
+    """The size of t's last (channel) axis: from its shape, or, where shape inference lost it
+    (shapes computed at run time from a dynamic batch), from the constant weight of the MatMul/Gemm
+    that makes or reads it, a BN on rows, or the data operand of a per-channel affine."""
+    shape = t.shape
+    if shape:
+        d = shape[-1]
+        if isinstance(d, (int, np.integer)) and d > 0:
+            return int(d)
+    if depth > 8:
+        return None
+    n = G.producer(t)
+    if n is not None and n.op in MATRIX_OPS:
+        dims = matrix_dims(n)
+        if dims is not None:
+            return dims[1]
+    if n is not None and n.op == "BatchNormalization" and G.rank(t) == 2:
+        scale = G.const(n.inputs[1]) if len(n.inputs) > 1 else None
+        return None if scale is None else int(scale.size)
+    if n is not None and n.op in ("Mul", "Add", "Sub", "Div") and len(n.inputs) == 2:
+        cd = _const_and_data(n)
+        if cd is not None and cd[1].size == 1:  # a scalar keeps the shape
+            return _last(cd[0], depth + 1)
+    for r in t.outputs:
+        if r.op == "MatMul" and r.inputs[0] is t:
+            dims = matrix_dims(r)
+            if dims is not None:
+                return dims[0]
+    return None
+
+
+def matrix_dims(node: gs.Node) -> tuple[int, int] | None:
+    """(Cin, Cout) of a MatMul/Gemm/Einsum with a constant 2-D weight, from the weight's shape alone
+    (reading a large weight to learn its size would cost a float64 copy)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant) or w.shape is None or len(w.shape) != 2:
+        return None
+    a, b = (int(d) for d in w.shape)
+    if node.op == "MatMul":
+        return a, b
+    if node.op == "Gemm":
+        return (b, a) if int(node.attrs.get("transB", 0)) else (a, b)
+    if node.op == "Einsum":
+        eq = node.attrs.get("equation", "")
+        tr = K.einsum_matrix(eq.decode() if isinstance(eq, bytes) else eq)
+        return None if tr is None else ((b, a) if tr else (a, b))
+    return None
+
+
+def _same_dims(a, b) -> bool:
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x == y and x is not None and not (isinstance(x, str) and not x) for x, y in zip(a, b))
+
+
+def _const_and_data(node: gs.Node):
+    a, b = node.inputs[0], node.inputs[1]
+    ca, cb = G.const(a), G.const(b)
+    if (ca is None) == (cb is None):
+        return None
+    return (b, ca, True) if ca is not None else (a, cb, False)
+
+
+def axis_affine(node: gs.Node, axis: int | None = None) -> L.Affine | str:
+    """The node as y = a⊙x + c per channel on `axis` (None: the last axis) of its data input, or
+    the reason it is not one."""
+    if node.op == "BatchNormalization":
+        aff = L.affine_of(node)
+        if not aff:
+            return aff.reason
+        r = G.rank(node.inputs[0])
+        on = (r - 1 if axis is None else axis % r) if r else None
+        if on != 1:
+            return f"BatchNormalization normalizes axis 1 of a rank-{r} tensor, not its channel axis"
+        return aff
+    if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
+        return f"{node.op} is not a per-channel affine op"
+    cd = _const_and_data(node)
+    if cd is None:
+        return f"{node.op} needs exactly one constant operand"
+    x, c, const_first = cd
+    if not np.issubdtype(c.dtype, np.floating):
+        return f"{node.op} constant is not floating point"
+    r = G.rank(x)
+    if r is None:
+        return f"rank of '{x.name}' is unknown"
+    v = K.last_axis_vector(c, r) if axis is None else K.axis_vector(c, r, axis)
+    where = "the last axis" if axis is None else f"axis {axis % r}"
+    if v is None:
+        return f"{node.op} constant of shape {list(c.shape)} is not per-channel on {where}"
+    ch = _last(x) if axis is None else x.shape[axis]
+    if v.size > 1 and ch != v.size:
+        return f"{node.op} constant has {v.size} channels, its input {ch} (it would broadcast)"
+    v = v.astype(np.float64)
+    one, zero = np.ones_like(v), np.zeros_like(v)
+    if node.op == "Mul":
+        return L.Affine(v, zero, x, r)
+    if node.op == "Add":
+        return L.Affine(one, v, x, r)
+    if node.op == "Sub":
+        return L.Affine(-one, v, x, r) if const_first else L.Affine(one, -v, x, r)
+    if const_first:
+        return "Div by a tensor is not linear"
+    if np.any(v == 0):
+        return "Div by a constant containing zero"
+    return L.Affine(1.0 / v, zero, x, r)
+
+
+def matrix_of(node: gs.Node) -> tuple[K.ConvSpec, gs.Tensor] | str:
+    """A MatMul/Gemm/Einsum with a constant 2-D right operand as (spec [Cout, Cin], x)."""
+    if node.op == "MatMul":
+        a, w = node.inputs
+        wv = G.const(w)
+        if wv is None or G.const(a) is not None:
+            return "MatMul's right operand is not a constant (left operand a tensor)"
+        if wv.ndim != 2:
+            return f"MatMul weight has rank {wv.ndim}, not 2"
+        return K.matmul_spec(wv), a
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "Gemm with transA=1"
+        wv = G.const(node.inputs[1])
+        if wv is None:
+            return "Gemm weight is not constant"
+        c = None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            c = G.const(node.inputs[2])
+            if c is None:
+                return "Gemm bias is not constant"
+        try:
+            return K.gemm_spec(wv, c, bool(int(node.attrs.get("transB", 0))),
+                               float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))), node.inputs[0]
+        except K.NotMergeable as e:
+            return str(e)
+    if node.op == "Einsum":
+        if len(node.inputs) != 2:
+            return "Einsum with other than two operands"
+        wv = G.const(node.inputs[1])
+        if wv is None or G.const(node.inputs[0]) is not None:
+            return "Einsum's second operand is not a constant (first a tensor)"
+        eq = node.attrs.get("equation", "")
+        eq = eq.decode() if isinstance(eq, bytes) else eq
+        tr = K.einsum_matrix(eq, wv.ndim)
+        if tr is None:
+            return f"Einsum '{eq}' is not a matrix product on the last axis"
+        return K.ConvSpec(wv if tr else wv.T, None), node.inputs[0]
+    return f"{node.op} is not a matrix product"
+
+
+class Walker:
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.stops: list[str] = []
+        self.shape_read: list[gs.Tensor] = []  # walked through, though Shape nodes read them too
+
+    def leaf(self, t: gs.Tensor) -> Form:
+        c = _last(t)
+        if G.rank(t) is None or G.rank(t) < 2:
+            raise NotLinear(f"'{t.name}' is not a tensor of rows (rank < 2)")
+        if c is None:
+            raise NotLinear(f"channel count (last dim) of '{t.name}' is unknown")
+        dt = G.dtype_of(t)
+        if dt is not None and not np.issubdtype(dt, np.floating):
+            raise NotLinear(f"'{t.name}' is not floating point")
+        return Form(t, K.identity(c, 0), [])  # depthwise: no C×C matrix until one is needed
+
+    def operand(self, t: gs.Tensor, reader: gs.Node, depth: int) -> Form:
+        if G.producer(t) is not None:
+            if G.private_to(self.graph, t, reader):
+                try:
+                    return self.form(t, depth + 1)
+                except (NotLinear, K.NotMergeable) as e:
+                    self.stops.append(f"'{t.name}': {e}")
+            elif _only_shape_readers_besides(self.graph, t, reader):
+                # reshape_as(t) with a dynamic batch: Shape(t) reads t's shape, not its values
+                try:
+                    f = self.form(t, depth + 1)
+                    self.shape_read.append(t)
+                    return f
+                except (NotLinear, K.NotMergeable) as e:
+                    self.stops.append(f"'{t.name}': {e}")
+            else:
+                self.stops.append(G.fan_out_reason(self.graph, t) or f"'{t.name}' is read by another node")
+        return self.leaf(t)
+
+    def form(self, t: gs.Tensor, depth: int = 0) -> Form:
+        if depth > MAX_DEPTH:
+            raise NotLinear("region too deep")
+        node = G.producer(t)
+        if node is None:
+            raise NotLinear("no producer")
+        op = node.op
+        if op in MATRIX_OPS:
+            m = matrix_of(node)
+            if isinstance(m, str):
+                raise NotLinear(m)
+            return self._compose(node, *m, depth)
+        if op in AFFINE_OPS:
+            aff = axis_affine(node)
+            if not isinstance(aff, str):
+                return self._affine(node, aff, depth)
+            if op in SUM_OPS and all(G.const(i) is None for i in node.inputs):
+                return self._sum(node, depth)
+            raise NotLinear(aff)
+        if op == "Sum":
+            return self._sum(node, depth)
+        if op in REGROUP_OPS:
+            return self._regroup(node, depth)
+        if op == "Transpose":
+            return self._transposed_affines(node, depth)
+        raise NotLinear(f"{op} is not linear")
+
+    def _compose(self, node, spec: K.ConvSpec, x, depth) -> Form:
+        if _last(x) != spec.cin:
+            raise NotLinear(f"{node.op} reads {_last(x)} channels on the last axis, its weight {spec.cin}")
+        inner = self.operand(x, node, depth)
+        if not inner.nodes:
+            return Form(inner.source, spec, [node])
+        return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node])
+
+    def _affine(self, node, aff: L.Affine, depth) -> Form:
+        inner = self.operand(aff.x, node, depth)
+        if not inner.nodes and node.op != "BatchNormalization":
+            why = L.fused_by_runtime(aff.x)
+            if why:
+                raise NotLinear(f"{node.op} is not folded: {why}")
+        cout = inner.spec.cout
+        if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
+            raise NotLinear("affine channel count mismatch")
+        a, c = aff.broadcast(cout)
+        return Form(inner.source, K.affine_after(inner.spec, a, c, inplace=True), inner.nodes + [node])
+
+    def _sum(self, node, depth) -> Form:
+        out = node.outputs[0]
+        signs = [1.0] * len(node.inputs)
+        if node.op == "Sub":
+            signs[1] = -1.0
+        terms = [(self.operand(t, node, depth), s) for t, s in zip(node.inputs, signs)]
+        if any(not _same_dims(i.shape, out.shape) for i in node.inputs) and any(
+                n.op in REGROUP_OPS for f, _ in terms for n in f.nodes):
+            # without a Reshape in any term, every term has the source's shape (MatMul and
+            # last-axis affines keep the leading axes); with one, only known equal shapes are safe
+            raise NotLinear(f"{node.op} may broadcast its terms (shapes not provably equal)")
+        if len({id(f.source) for f, _ in terms}) != 1:
+            names = ", ".join(sorted({f"'{f.source.name}'" for f, _ in terms}))
+            raise NotLinear(f"terms of the sum read different tensors ({names})")
+        specs = [f.spec if s > 0 else K.affine_after(f.spec, -1.0, 0.0) for f, s in terms]
+        seen, nodes = set(), []
+        for f, _ in terms:
+            for n in f.nodes:
+                if id(n) not in seen:
+                    seen.add(id(n))
+                    nodes.append(n)
+        return Form(terms[0][0].source, K.add(specs), nodes + [node])
+
+    def _regroup(self, node, depth) -> Form:
+        x, y = node.inputs[0], node.outputs[0]
+        cx, cy = _last(x), _last(y)
+        if cx is None or cy is None or cx != cy:
+            raise NotLinear(f"{node.op} changes the last axis ({_last(x)} → {_last(y)}): it mixes channels and tokens")
+        inner = self.operand(x, node, depth)
+        return Form(inner.source, inner.spec, inner.nodes + [node])
+
+    def _transposed_affines(self, outer: gs.Node, depth) -> Form:
+        """Transpose(p) → per-channel affines on the axis p took the last axis to → Transpose back."""
+        r = G.rank(outer.inputs[0])
+        perm2 = outer.attrs.get("perm")
+        if r is None or perm2 is None:
+            raise NotLinear("Transpose rank or perm unknown")
+        chain, t = [], outer.inputs[0]
+        while True:
+            n = G.producer(t)
+            if n is None or not G.private_to(self.graph, t, chain[-1] if chain else outer):
+                raise NotLinear("Transpose is not the second of a private Transpose pair around affines")
+            if n.op == "Transpose":
+                inner_t = n
+                break
+            if n.op not in AFFINE_OPS:
+                raise NotLinear(f"{n.op} between a Transpose pair is not a per-channel affine")
+            chain.append(n)
+            cd = _const_and_data(n) if n.op != "BatchNormalization" else (n.inputs[0], None, False)
+            if cd is None:
+                raise NotLinear(f"{n.op} between a Transpose pair has no constant operand")
+            t = cd[0]
+        perm1 = inner_t.attrs.get("perm")
+        if perm1 is None or len(perm1) != r or any(perm1[p] != i for i, p in enumerate(perm2)):
+            raise NotLinear("the Transpose pair does not undo itself")
+        k = list(perm1).index(r - 1)  # where the channel axis lies between the two
+        x = inner_t.inputs[0]
+        c = _last(x)
+        if c is None:
+            raise NotLinear(f"channel count (last dim) of '{x.name}' is unknown")
+        scale, shift = np.ones(c), np.zeros(c)
+        for n in reversed(chain):  # innermost first
+            aff = axis_affine(n, k)
+            if isinstance(aff, str):
+                raise NotLinear(aff)
+            a, b = aff.broadcast(c)
+            scale, shift = a * scale, a * shift + b
+        inner = self.operand(x, inner_t, depth)
+        spec = K.affine_after(inner.spec, scale, shift, inplace=True)
+        return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer])
+
+
+def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
+    """Whether an intermediate is a graph output or read outside the region (a Shape node reading
+    a tensor of `shape_read` excepted: it is moved to the region's output, which has that shape)."""
+    inside = {id(n) for n in nodes}
+    shaped = {id(t) for t in shape_read}
+    for n in nodes:
+        for o in n.outputs:
+            if o is root_out or not (o.outputs or G.is_graph_output(graph, o)):
+                continue
+            if G.is_graph_output(graph, o):
+                return f"intermediate '{o.name}' is a graph output"
+            if any(id(r) not in inside and not (r.op == "Shape" and id(o) in shaped) for r in o.outputs):
+                return f"intermediate '{o.name}' is read outside the region"
+    return None
+
+
+def _only_shape_readers_besides(graph, t: gs.Tensor, reader: gs.Node) -> bool:
+    others = [r for r in t.outputs if r is not reader]
+    return (not G.is_graph_output(graph, t) and any(r is reader for r in t.outputs) and bool(others)
+            and all(r.op == "Shape" for r in others))
+
+
+def _shape_of(root: gs.Node) -> gs.Tensor | None:
+    """t when `root` is Reshape(y, Shape(t)) (PyTorch's reshape_as(t), dynamic shapes)."""
+    if root.op != "Reshape" or len(root.inputs) < 2:
+        return None
+    sh = G.producer(root.inputs[1])
+    if sh is None or sh.op != "Shape" or sh.attrs.get("start") not in (None, 0) or "end" in sh.attrs:
+        return None
+    return sh.inputs[0]
+
+
+def _same_shape_as_out(region, t: gs.Tensor) -> bool:
+    """Whether `t` provably has the region output's shape, so Shape(t) may read the output instead."""
+    return _shape_of(region.root) is t or (G.static_shape(t) is not None and _same_dims(t.shape, region.out.shape))
+
+
+def _row_cost(n: gs.Node) -> int:
+    """MACs plus elements read and written per row (token) of a region's node: every node of the
+    region sees the same rows, regrouped, so per-row costs compare regions whatever the batch and
+    token counts (which may be unknown here). As merge_linear_regions.node_cost, per row."""
+    if n.op in REGROUP_OPS:
+        return 0  # a view at run time
+    out = _last(n.outputs[0]) or 1
+    if n.op in MATRIX_OPS:
+        dims = matrix_dims(n)
+        cin = dims[0] if dims is not None else out
+        return cin * out + cin + out
+    reads = sum(_last(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
+    return out + out + reads
+
+
+def _merged_row_cost(spec: K.ConvSpec) -> int:
+    cost = spec.cin * spec.cout + spec.cin + spec.cout
+    return cost + 3 * spec.cout if np.any(spec.bias != 0) else cost
+
+
+@dataclass
+class Region:
+    root: gs.Node
+    out: gs.Tensor
+    form: Form | None
+    why_not: str | None = None
+    shape: np.ndarray | None = None  # what the merged MatMul's output is reshaped to (_out_shape)
+    shape_read: list = field(default_factory=list)  # intermediates Shape nodes read (Walker.shape_read)
+
+
+class FoldLinearAffine(Rule):
+    name = "fold_linear_affine"
+    description = ("fold per-channel affines (BN1d in Reshape/Transpose pairs, layer scale, bias), parallel "
+                   "(LoRA) and sequential MatMuls on channel-last tokens into one MatMul")
+    anchors = MATRIX_OPS + AFFINE_OPS + ("Sum", "Reshape", "Flatten", "Transpose")
+    outputs_first = True
+
+    def match(self, node, ctx):
+        out = node.outputs[0]
+        if not out.shape or G.rank(out) is None or G.rank(out) < 2:
+            return None
+        if not any(G.producer(i) is not None and G.producer(i).op in WALKED for i in node.inputs):
+            return None  # a region of one op
+        if _plain_linear(ctx.graph, node):
+            return None  # a Linear as exported, nothing foldable around it: skip reading its weight
+        walker = Walker(ctx.graph)
+        try:
+            form = walker.form(out)
+        except (NotLinear, K.NotMergeable) as e:
+            if _near_miss(node) or "runtimes fuse" in str(e):
+                stops = "; ".join(dict.fromkeys(walker.stops))
+                return Region(node, out, None, f"{e}" + (f" (walk stopped: {stops})" if stops else ""))
+            return None
+        if len(form.nodes) < 2 or not any(n.op in MATRIX_OPS for n in form.nodes):
+            fused = [s for s in walker.stops if "runtimes fuse" in s]
+            return Region(node, out, None, fused[0]) if fused else None
+        if _already_deploy(form.nodes):
+            return None  # what this rule would write: a fixed point
+        return Region(node, out, form, shape_read=list(walker.shape_read))
+
+    def check(self, region: Region, ctx):
+        if region.form is None:
+            return region.why_not
+        form = region.form
+        inside = {id(n) for n in form.nodes}
+        region.shape_read = [t for t in region.shape_read if id(G.producer(t)) in inside]
+        reason = _escapes(ctx.graph, form.nodes, region.out, region.shape_read)
+        if reason:
+            return reason
+        for t in region.shape_read:
+            if not _same_shape_as_out(region, t):
+                return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
+        for n in form.nodes:
+            if n.op in MATRIX_OPS:
+                r = G.shared_constant_reason(n.inputs[1])
+                if r:
+                    return r
+        region.shape = _out_shape(region)
+        if region.shape is None and not _reshaped_again(ctx.graph, region.out):
+            return "the region regroups the token axes and the output shape is not static"
+        before = sum(_row_cost(n) for n in form.nodes if not _free_affine(n, form.nodes))
+        after = _merged_row_cost(form.spec)
+        if after > before and not ctx.options.aggressive:
+            return (f"merged MatMul would cost more ({after:,} vs {before:,} MACs+elements moved per token); "
+                    "--aggressive merges anyway")
+        return None
+
+    def rewrite(self, region: Region, ctx):
+        form, out = region.form, region.out
+        out_shape = region.shape if region.shape is not None else _out_shape(region)  # reads the root
+        spec = K.regroup(form.spec, 1)
+        src = form.source
+        dtype = L.data_dtype(*[t for n in form.nodes for t in n.inputs[1:]], out)
+        names = [n.name for n in form.nodes]
+        main = next((n for n in form.nodes if n.op in MATRIX_OPS), form.nodes[-1]).name
+        main = main or G.unique_node_name(ctx.graph, "onnxrep_matmul")
+        for t in region.shape_read:
+            for r in [r for r in t.outputs if r.op == "Shape"]:
+                r.inputs[0] = out  # same shape (_same_shape_as_out); the region no longer makes t
+        for n in form.nodes:
+            G.remove_node(n)
+        g = ctx.graph
+        if G.rank(src) == 2 and G.rank(out) == 2:
+            node = L.make_conv(g, spec, src, out, dtype, main)
+            return Rewrite("", names, [node.name], f"{len(names)} ops → Gemm {spec.cin}→{spec.cout}")
+        created = []
+        reshape = out_shape is None or out_shape.size > 0
+        has_bias = bool(np.any(spec.bias != 0))
+        final_dims = list(src.shape[:-1]) + [spec.cout]
+        mm_out = out if not (has_bias or reshape) else G.new_variable(g, f"{main}_mm", dtype=out.dtype, shape=final_dims)
+        w = G.new_weight(g, f"{main}.weight", K.matmul_weight(spec), dtype)
+        g.nodes.append(gs.Node("MatMul", main, {}, [src, w], [mm_out]))
+        created.append(main)
+        cur = mm_out
+        if has_bias:
+            nxt = out if not reshape else G.new_variable(g, f"{main}_biased", dtype=out.dtype, shape=final_dims)
+            b = G.new_weight(g, f"{main}.bias", spec.bias, dtype)
+            name = G.unique_node_name(g, f"{main}_bias")
+            g.nodes.append(gs.Node("Add", name, {}, [cur, b], [nxt]))
+            created.append(name)
+            cur = nxt
+        if reshape and _reshaped_again(g, out):
+            out.outputs[0].inputs[0] = cur  # Reshape∘Reshape is the outer Reshape: no second one
+        elif reshape:
+            shape = G.new_constant(g, f"{main}_shape", out_shape)
+            name = G.unique_node_name(g, f"{main}_reshape")
+            g.nodes.append(gs.Node("Reshape", name, {}, [cur, shape], [out]))
+            created.append(name)
+        return Rewrite("", names, created, f"{len(names)} ops → MatMul {spec.cin}→{spec.cout}")
+
+
+def _out_shape(region: Region) -> np.ndarray | None:
+    """The shape to Reshape the merged MatMul's output to: empty when the source's token axes are
+    the output's (no Reshape); the output's static shape; or, with dynamic dims, the constant shape
+    of the region's own final Reshape (without 0s, which would copy dims of a different input).
+    None when there is none."""
+    src, out = region.form.source, region.out
+    twin = _shape_of(region.root)
+    if not any(n.op in REGROUP_OPS for n in region.form.nodes):
+        return np.zeros(0, dtype=np.int64)  # MatMul, last-axis affines and sums keep the token axes
+    if _same_dims(src.shape[:-1], out.shape[:-1]) or (
+            twin is not None and id(G.producer(twin)) in {id(n) for n in region.form.nodes}
+            and G.producer(twin).op in ("MatMul", "Einsum") and _same_dims(src.shape[:-1], twin.shape[:-1])):
+        # (reshape_as a MatMul output of the region: the output has the source's token axes)
+        return np.zeros(0, dtype=np.int64)
+    static = G.static_shape(out)
+    if static is not None:
+        return np.asarray(static, dtype=np.int64)
+    root = region.root
+    if root.op == "Reshape" and root.outputs[0] is out and not int(root.attrs.get("allowzero", 0)):
+        shape = G.const(root.inputs[1])
+        if shape is not None and shape.ndim == 1 and not np.any(shape == 0):
+            return np.asarray(shape, dtype=np.int64)
+    return None
+
+
+def _reshaped_again(graph, out: gs.Tensor) -> bool:
+    """Whether `out`'s only reader is a Reshape to a constant shape without 0s (which would copy
+    dims of its own input): reshaping to `out` first is then redundant (dynamo writes LeViT's
+    reshape_as and the head split that follows it as one such Reshape)."""
+    if G.is_graph_output(graph, out) or len(out.outputs) != 1:
+        return False
+    r = out.outputs[0]
+    if r.op != "Reshape" or r.inputs[0] is not out or int(r.attrs.get("allowzero", 0)):
+        return False
+    shape = G.const(r.inputs[1]) if len(r.inputs) > 1 else None
+    return shape is not None and shape.ndim == 1 and not np.any(shape == 0)
+
+
+def _plain_linear(graph, node: gs.Node) -> bool:
+    """Structurally, whether the walk from `node` can only find a Linear as exported: `node` is a
+    MatMul/Gemm, or a bias Add (constant operand) right after one, and the matrix op's input is
+    not something the walk could take in (its producer is not walked, or others read it)."""
+    mm = node
+    if node.op in ("Add",) and len(node.inputs) == 2:
+        cd = _const_and_data(node)
+        if cd is None:
+            return False
+        mm = G.producer(cd[0])
+        if mm is None or not G.private_to(graph, cd[0], node):
+            return False
+    if mm.op not in ("MatMul", "Gemm"):
+        return False
+    x = mm.inputs[0]
+    up = G.producer(x)
+    return up is None or up.op not in WALKED or not G.private_to(graph, x, mm)
+
+
+def _already_deploy(nodes) -> bool:
+    """A chain [MatMul or Gemm] → [bias Add] → [Reshape]: the form this rule writes (a Linear as
+    exporters write it), so rewriting it again would change nothing."""
+    ops = [n.op for n in nodes]
+    if ops[0] not in ("MatMul", "Gemm"):
+        return False
+    rest = ops[1:]
+    if rest and rest[0] == "Add":
+        rest = rest[1:]
+    if rest and rest[0] == "Reshape":
+        rest = rest[1:]
+    if rest:
+        return False
+    return all(any(i is a.outputs[0] for i in b.inputs) for a, b in zip(nodes, nodes[1:]))
+
+
+def _near_miss(node: gs.Node) -> bool:
+    """Whether a failed walk from `node` is worth a decline line: a BN, an affine by a constant
+    right after a matrix product or a regrouping, or a regrouping right after an affine. (A
+    residual Add or an attention reshape failing is the normal case, not a near miss.)"""
+    ups = [G.producer(i) for i in node.inputs[:1] if i is not None]
+    up = ups[0] if ups else None
+    if node.op == "BatchNormalization":  # on tokens (a conv's BN is other rules' business)
+        return up is not None and up.op in MATRIX_OPS + REGROUP_OPS + ("Transpose",)
+    if node.op in ("Mul", "Add", "Sub", "Div"):
+        cd = _const_and_data(node) if len(node.inputs) == 2 else None
+        u = G.producer(cd[0]) if cd else None
+        return u is not None and u.op in MATRIX_OPS + REGROUP_OPS + ("Transpose",)
+    if node.op in REGROUP_OPS + ("Transpose",):
+        return up is not None and up.op in AFFINE_OPS and (
+            up.op == "BatchNormalization" or any(G.const(i) is not None for i in up.inputs))
+    return False
+
+
+def _free_affine(n: gs.Node, nodes) -> bool:
+    """A per-channel affine (or regroup) right after a matrix product folds into it on its own."""
+    if n.op not in AFFINE_OPS:
+        return False
+    aff = axis_affine(n)
+    if isinstance(aff, str):
+        return False
+    up = G.producer(aff.x)
+    return up is not None and up.op in MATRIX_OPS and any(u is up for u in nodes)
