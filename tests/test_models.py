@@ -269,6 +269,11 @@ def test_demo_file_is_the_calibrated_repvgg():
 #: where the paper's own deploy form keeps more than onnxrep's deploy_ops (see the model docs):
 #: RepLKNet's structural_reparam leaves the pre-BN; FastViT keeps the ConvFFN's layer scale.
 HANDWRITTEN_EXTRA = {"replknet": {"BatchNormalization": 1}, "fastvit_stage": {"Mul": 2}}
+#: transformer entries: the exporters write a hand-converted Linear's bias and shape arithmetic in
+#: their own way (Gemm or MatMul + Add, Concat of shapes), so the op-by-op comparison with LeViT's
+#: fuse() and loralib's merge() exports lives in tests/rules/test_matmul_zoo.py, where it is
+#: cleaned of that arithmetic first.
+STRUCTURE_COMPARED_ELSEWHERE = {"levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,7 +300,7 @@ def test_handwritten_deploy_matches_training_module(name):
     assert n_params(deploy) <= n_params(train)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in STRUCTURE_COMPARED_ELSEWHERE])
 def test_handwritten_deploy_exports_to_its_documented_structure(name, tmp_path):
     """Exported like the training form (legacy, folding on), the hand-written deploy form has the
     entry's deploy_ops (plus what the paper's code keeps), passes the checker and equals torch."""

@@ -160,9 +160,11 @@ def main(argv=None) -> int:
                     info_b = prepare(name, form, root, args.threads,
                                      group[0] if args.static_batch else None)
                     info = info or info_b
+                    # a static-batch export has that batch fixed in its input: the shape must say so
+                    shp = (group[0], *shape[1:]) if args.static_batch else shape
                     before.update(medians([info_b["train"], info_b["vs_deploy"][0]],
-                                          ("train", "ours"), args, shape, group))
-                    vs.update(medians(info_b["vs_deploy"], VS_DEPLOY, args, shape, group))
+                                          ("train", "ours"), args, shp, group))
+                    vs.update(medians(info_b["vs_deploy"], VS_DEPLOY, args, shp, group))
                 n, o = info["nodes"], info["ort_ops"]
                 node_ratios.append(n["ours"] / n["deploy"])
                 cells, over = [], False
