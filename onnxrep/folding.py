@@ -503,12 +503,31 @@ def fold_constants(graph: gs.Graph, options: FoldOptions | None = None) -> None:
     fold_shapes(graph)
     G.tidy(graph)
     G.read_folded_weights(graph)
+    guard = _guard(options.fold_limit, fold_log(graph))
+    _fold_subgraphs(graph, guard, options.fold_limit)
     try:
-        graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=options.fold_limit,
-                             should_exclude_node=_guard(options.fold_limit, fold_log(graph)))
+        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
+                             size_threshold=options.fold_limit, should_exclude_node=guard)
     except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
         log.debug("constant folding stopped: %s", e)
     G.tidy(graph)
+
+
+def _fold_subgraphs(graph: gs.Graph, guard, limit: int, depth: int = 0) -> None:
+    """graphsurgeon's own recursion into If/Loop/Scan bodies drops should_exclude_node (0.6.1): a
+    ConstantOfShape of 3e9 floats in a branch ORT never takes would be materialized. Recurse here,
+    with the guard."""
+    if depth > 16:
+        return
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            _fold_subgraphs(sub, guard, limit, depth + 1)
+            try:
+                sub.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
+                                   error_ok=True, size_threshold=limit, should_exclude_node=guard,
+                                   recurse_functions=False)
+            except Exception as e:
+                log.debug("constant folding of subgraph %s stopped: %s", sub.name, e)
 
 
 def fold(graph: gs.Graph, work: onnx.ModelProto, infer, options: FoldOptions | None = None) -> None:
