@@ -93,7 +93,7 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | os.Pat
     model = model.eval()
     if example is None:
         shape = tuple(input_shape)
-        if dynamic_batch and form == "dynamo" and shape[0] < 2:
+        if dynamic_batch and form.startswith("dynamo") and shape[0] < 2:
             # torch.export specializes a size-1 dimension; trace a symbolic batch with batch 2.
             shape = (2, *shape[1:])
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
