@@ -366,3 +366,43 @@ def test_bias_free_conv_spelled_by_dynamo_noopt_merges():
     model = _model(nodes, [_x([1, 3, 8, 8])], [_x([1, 4, 8, 8], "y")], inits)
     out, report = onnxrep.optimize(model, return_report=True)
     assert ops(out) == ["Conv"] and report.verification["ok"]
+
+
+def test_batchnorm_without_affine_from_dynamo_noopt(tmp_path):
+    """Issue 12 item 2: BatchNorm2d(affine=False) exported by dynamo with optimize=False spells its
+    scale and shift as Expand(CastLike(1, x), Shape(x, 1, 2)); the Shape used to fold as the full
+    shape (rank 4) and optimize exited 1. Now conv + BN fold into one Conv."""
+    torch = pytest.importorskip("torch")
+    from models.export import export_onnx
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4, affine=False)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+        m[1].running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(1))
+    path = export_onnx(m, (1, 3, 8, 8), tmp_path / "bn.onnx", "dynamo-noopt")
+    assert {"CastLike", "Shape"} <= {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(tmp_path / "out.onnx"), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert ops(out) == ["Conv"]
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(V.run(out, {"input": x})["output"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dbb_dynamic_batch_pinned_with_input_shape(tmp_path):
+    """Issue 12 item 2: a dynamic-batch DBB (dynamo exporter) pinned with --input-shape exited 4
+    with ORT's coloured log on stderr; now it becomes one Conv, silently."""
+    pytest.importorskip("torch")
+    import models
+    from models.export import export_onnx
+
+    entry = models.ZOO["dbb_slice"]
+    path = export_onnx(entry.build(), entry.input_shape, tmp_path / "dbb.onnx", "dynamo", axes="batch")
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(out), "-q",
+                           "--input-shape", "input:1,8,16,16"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert ops(onnx.load(str(out))) == ["Conv"]
