@@ -31,7 +31,8 @@ DYNAMIC_FAST = {"repvgg", "split_concat", "dbb_subpadadd", "mobileone", "repmlp"
 DYNAMO_DYNAMIC_FAST = {"repvgg", "split_concat"}
 
 _SLICE_FILL = ("the slice assignment's ScatterND border fill is computed from the symbolic dims: "
-               "not constant, so canonicalize_border_fill declines (pin the shape with --input-shape)")
+               "not constant (or the padded tensor is read twice), so canonicalize_border_fill declines; "
+               "pinning the shape with --input-shape merges it")
 #: cells that do not reach the deploy form, and why; each still optimizes (or is refused) correctly,
 #: and a cell that starts reaching it fails, so this list only shrinks
 KNOWN_GAPS = {("dbb_slice", form, axes): _SLICE_FILL for form in FORMS for axes in ("batch", "hw")}
@@ -106,6 +107,10 @@ def _unexplained(model: onnx.ModelProto, declines: list[dict]) -> list[str]:
     """Linear ops left next to each other (a BN, Pad or AveragePool, or a sum with a linear term)
     that no rule gave a reason for leaving."""
     producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
     named = {d["node"] for d in declines}
     linear = LINEAR | {"BatchNormalization", "Pad", "AveragePool"}
     out = []
@@ -113,7 +118,20 @@ def _unexplained(model: onnx.ModelProto, declines: list[dict]) -> list[str]:
         leftover = n.op_type in ("BatchNormalization", "Pad", "AveragePool")
         if n.op_type in ("Add", "Sub", "Sum"):
             leftover = any(producer.get(i) is not None and producer[i].op_type in linear for i in n.input)
-        if leftover and n.name not in named:
+        if not leftover:
+            continue
+        # a rule anchors its decline at the region's head, which may sit downstream behind plumbing
+        # (a slice assignment is Transpose → ScatterND → Transpose, four times for DBB's border),
+        # or names a tensor of the region in its reason; the walk stops at the next linear op
+        near, tensors, frontier = {n.name}, set(n.output), [n]
+        near |= {producer[i].name for i in n.input if i in producer}
+        for _ in range(16):
+            frontier = [r for f in frontier if f is n or f.op_type not in LINEAR
+                        for o in f.output for r in readers.get(o, [])]
+            near |= {f.name for f in frontier}
+            tensors |= {o for f in frontier for o in f.output}
+        mentioned = any(f"'{t}'" in d["reason"] for d in declines for t in tensors)
+        if not near & named and not mentioned:
             out.append(f"{n.op_type} {n.name}")
     return out
 
