@@ -273,7 +273,39 @@ def canonicalize(graph: gs.Graph) -> int:
             done += _sequence_to_split(graph, node)
         elif node.op == "Reshape":
             done += _reshape_copying_dims(graph, node)
+        elif node.op == "Slice":
+            done += _whole_slice(graph, node)
     return done
+
+
+def _whole_slice(graph: gs.Graph, node: gs.Node) -> int:
+    """Slice(x, 0, INT_MAX) with step 1 on every axis it names is x (the exporters' `x[:, ...]` of a
+    slice assignment): its readers read x. Exact for any size of x, symbolic dims included."""
+    if len(node.inputs) < 3 or len(node.outputs) != 1 or G.is_graph_output(graph, node.outputs[0]):
+        return 0
+    starts, ends = (_const_ints(t) for t in node.inputs[1:3])
+    steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+    if starts is None or ends is None or (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
+        return 0
+    if len(node.inputs) > 3 and node.inputs[3].name and _const_ints(node.inputs[3]) is None:
+        return 0
+    dims = _dims(node.inputs[0])
+    axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else np.arange(starts.size)
+    for i, (a, b) in enumerate(zip(starts.reshape(-1), ends.reshape(-1))):
+        d = None
+        if dims is not None and -len(dims) <= int(axes.reshape(-1)[i]) < len(dims):
+            d = dims[int(axes.reshape(-1)[i])]
+        whole = b >= np.iinfo(np.int32).max or (_static(d) and b >= d)
+        if a != 0 or not whole or (steps is not None and int(steps.reshape(-1)[i]) != 1):
+            return 0
+    x, out = node.inputs[0], node.outputs[0]
+    for reader in list(out.outputs):
+        for j, t in enumerate(reader.inputs):
+            if t is out:
+                reader.inputs[j] = x
+    node.inputs.clear()
+    node.outputs.clear()
+    return 1
 
 
 _SYMBOLIC_LEN = 8  # shape values longer than this are not shape arithmetic

@@ -406,3 +406,16 @@ def test_dbb_dynamic_batch_pinned_with_input_shape(tmp_path):
                            "--input-shape", "input:1,8,16,16"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert ops(onnx.load(str(out))) == ["Conv"]
+
+
+@pytest.mark.parametrize("start,end,step,removed", [(0, INT64_MAX, 1, True), (0, 2**31 - 1, 1, True), (0, 3, 1, True),
+                                                    (1, INT64_MAX, 1, False), (0, 2, 1, False), (0, INT64_MAX, 2, False)])
+def test_whole_slice_is_its_input(start, end, step, removed):
+    """Slice(x, 0, INT_MAX) on a symbolic axis (an exporter's `x[:, ...]`) reads all of x: its
+    readers read x. A slice that drops anything stays (negative cases)."""
+    nodes = [_c("a", [start]), _c("b", [end]), _c("ax", [1]), _c("st", [step]),
+             helper.make_node("Slice", ["x", "a", "b", "ax", "st"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    model = _model(nodes, [_x(["N", 3, 4])], [_x(["N", "C", 4], "y")])
+    folded = fold_only(model)
+    assert ("Slice" not in ops(folded)) == removed
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
