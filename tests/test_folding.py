@@ -419,3 +419,30 @@ def test_whole_slice_is_its_input(start, end, step, removed):
     folded = fold_only(model)
     assert ("Slice" not in ops(folded)) == removed
     assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
+
+
+def test_overridable_weight_with_external_data_keeps_its_payload(tmp_path):
+    """A kept initializer of 9 KiB in external data (a payload stub inside onnxrep) is written back
+    with its bytes: the output runs with its default and with an overriding value, like the input."""
+    import onnxruntime as ort
+
+    w = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [_x([1, 16, 8, 8]), helper.make_tensor_value_info("W", TensorProto.FLOAT, [16, 16, 3, 3])],
+                              [_x([1, 16, 8, 8], "y")], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    report = onnxrep.optimize_file(src, dst)
+    assert report.verification["ok"]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    a, b = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in (src, dst))
+    assert [i.name for i in onnx.load(str(dst), load_external_data=False).graph.input] == ["x", "W"]
+    assert [i.name for i in b.get_overridable_initializers()] == ["W"]
+    x = RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    w2 = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    for feeds in ({"x": x}, {"x": x, "W": w2}):
+        np.testing.assert_array_equal(a.run(None, feeds)[0], b.run(None, feeds)[0])
