@@ -79,7 +79,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = None,
             folding: "F.FoldOptions | None" = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
-    """Pin shapes, infer shapes, import, check structure, fold constants (onnxrep.folding).
+    """Pin shapes, infer shapes, import, fold constants (onnxrep.folding), check structure (validate).
 
     Works on a payload-free copy of `model` whose stubs are then pointed back at `model`'s own
     tensors (or a LeanModel's payloads, which may still be in the input file): nothing here reads
