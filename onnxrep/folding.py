@@ -526,11 +526,24 @@ def _guard(limit: int, flog: FoldLog):
 
 
 # -- the folding step ------------------------------------------------------------------------------
+def _silence_onnxruntime() -> None:
+    """The sessions graphsurgeon builds to fold log a failed evaluation at ERROR, in colour, on
+    stderr (G.quiet_onnxruntime keeps ERROR): a node that cannot fold just stays a node, and a
+    model that cannot run is reported by onnxrep in one line."""
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(4)
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        pass
+
+
+
 def fold_constants(graph: gs.Graph, options: FoldOptions | None = None) -> None:
     """One round: canonicalize exporter spellings, fold shapes, then let ORT (via graphsurgeon)
     evaluate every node whose inputs are constant and whose output is bounded by the fold limit."""
     options = options or FoldOptions()
-    G.quiet_onnxruntime()
+    _silence_onnxruntime()
     canonicalize(graph)
     fold_shapes(graph)
     G.tidy(graph)

@@ -114,7 +114,30 @@ def _matmul(node: gs.Node) -> str | None:
     return None
 
 
-CHECKS = {"Conv": _conv, "ConvTranspose": _conv, "BatchNormalization": _batchnorm, "Gemm": _gemm, "MatMul": _matmul}
+def _reshape(node: gs.Node) -> str | None:
+    """A constant target whose element count cannot be the input's (static) one."""
+    xd, target = _dims(node.inputs[0]), G.const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if xd is None or target is None or not all(_known(d) for d in xd) or target.ndim != 1:
+        return None
+    allowzero = int(node.attrs.get("allowzero", 0))
+    dims = [int(d) for d in target]
+    if not allowzero:
+        if any(d == 0 and i >= len(xd) for i, d in enumerate(dims)):
+            return f"target {dims} copies dim {len(xd)} or later of a rank-{len(xd)} input"
+        dims = [int(xd[i]) if d == 0 else d for i, d in enumerate(dims)]
+    if dims.count(-1) > 1 or any(d < -1 for d in dims):
+        return f"target {[int(d) for d in target]} is not a shape"
+    numel = int(np.prod([int(d) for d in xd]))
+    if numel == 0:
+        return None
+    known = int(np.prod([d for d in dims if d != -1]))
+    if (-1 not in dims and known != numel) or (-1 in dims and (known == 0 or numel % known)):
+        return f"cannot reshape {list(xd)} ({numel} elements) to {[int(d) for d in target]}"
+    return None
+
+
+CHECKS = {"Conv": _conv, "ConvTranspose": _conv, "BatchNormalization": _batchnorm, "Gemm": _gemm, "MatMul": _matmul,
+          "Reshape": _reshape}
 
 
 def problems(graph: gs.Graph) -> list[str]:
@@ -126,7 +149,8 @@ def problems(graph: gs.Graph) -> list[str]:
             continue
         reason = check(node)
         if reason:
-            out.append(f"{node.op} '{node.name}': {reason}")
+            who = f"'{node.name}'" if node.name else f"(unnamed, output '{node.outputs[0].name}')"
+            out.append(f"{node.op} {who}: {reason}")
     return out
 
 

@@ -52,6 +52,13 @@ def gemm_model(k_a=8, k_b=6):
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], {"W": _f(5, k_b)})
 
 
+def reshape_model(target, x_shape=(2, 6), out_shape=(3, 4), allowzero=0):
+    nodes = [helper.make_node("Reshape", ["x", "t"], ["y"], name="the_reshape", allowzero=allowzero)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+                  {"t": np.array(target, np.int64)})
+
+
 # (model, node it names, words of onnxrep's own message or None where ONNX shape inference already
 # refuses the model, with the node named, before onnxrep's checks run)
 INVALID = {
@@ -61,6 +68,7 @@ INVALID = {
     "conv weight rank differs from input": (conv_model(cin=4, cout=8, group=1, wshape=(8, 4, 3)), "the_conv", None),
     "batchnorm statistics length": (bn_model(c=4, stats=3), "the_bn", None),
     "gemm inner dims": (gemm_model(k_a=8, k_b=6), "the_gemm", None),
+    "reshape to another element count": (reshape_model([5, 2], out_shape=(5, 2)), "the_reshape", "cannot reshape"),
 }
 
 
@@ -92,7 +100,8 @@ def test_valid_models_have_no_problems():
     """The same builders with consistent shapes pass the checks and optimize (negative case)."""
     from onnxrep import graph as G
 
-    for model in (conv_model(cin=4, cout=8, group=4), conv_model(cin=4, cout=8, group=1, bias=8), bn_model(), gemm_model(6, 6)):
+    for model in (conv_model(cin=4, cout=8, group=4), conv_model(cin=4, cout=8, group=1, bias=8), bn_model(), gemm_model(6, 6),
+                  reshape_model([3, -1]), reshape_model([0, 6], out_shape=(2, 6)), reshape_model([4, 3], out_shape=(4, 3))):
         graph = G.import_graph(onnx.shape_inference.infer_shapes(model))
         assert validate.problems(graph) == []
         onnxrep.optimize(model)
@@ -106,3 +115,23 @@ def test_conv_transpose_group_checked():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], {"W": w})
     with pytest.raises(InputError, match="the_deconv.*(does not divide|divisible)"):
         onnxrep.optimize(model, verify=False)
+
+
+def test_failed_fold_in_an_untaken_branch_is_silent(tmp_path):
+    """A constant subgraph ORT cannot evaluate (in an If branch ORT never takes) stays a node, and
+    ORT's own coloured error log does not reach stderr."""
+    bad = helper.make_graph([helper.make_node("Reshape", ["c3", "t22"], ["r"])], "then", [],
+                            [helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 2])],
+                            [numpy_helper.from_array(np.arange(3, dtype=np.float32), "c3"),
+                             numpy_helper.from_array(np.array([2, 2], np.int64), "t22")])
+    good = helper.make_graph([helper.make_node("Identity", ["x"], ["r2"])], "else", [],
+                             [helper.make_tensor_value_info("r2", TensorProto.FLOAT, [2, 2])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0), helper.make_node("Greater", ["mx", "huge"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=bad, else_branch=good)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], {"huge": np.array(1e30, np.float32)})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(tmp_path / "o.onnx"), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
