@@ -34,6 +34,20 @@ def _tolerance(s: str) -> float:
     return v
 
 
+def _byte_count(s: str) -> int:
+    """'1073741824', '512M', '2G', '64KiB' → bytes (binary units)."""
+    text = s.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        v = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {s} (e.g. 1073741824, 512M, 2G)") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0: {s}")
+    return int(v * scale)
+
+
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -85,6 +99,11 @@ def _add_rewrite_flags(o):
     o.add_argument("--aggressive", action="store_true", help="merge even where the cost model expects a slower result")
     o.add_argument("--rm", action="store_true", help="remove residual connections of ReLU ResNet blocks (RMNet; adds MACs), same as --enable rm_residual")
     o.add_argument("--fuse-activations", action="store_true", help="write GELU, LayerNorm, HardSwish, Mish, ... patterns as the opset's standard op (Gelu needs opset 20, LayerNormalization 17), same as --enable fuse_activations")
+    o.add_argument("--freeze-inputs", action="store_true",
+                   help="treat initializers that are also graph inputs (defaults a caller may override) as constants "
+                        "and drop them from the inputs; changes the model's signature")
+    o.add_argument("--fold-limit", type=_byte_count, default=None, metavar="BYTES",
+                   help="largest tensor constant folding may create (default 1G, ONNX Runtime's own; e.g. 4G)")
 
 
 def _add_verify_flags(o):
@@ -136,6 +155,7 @@ def cmd_optimize(args) -> int:
         rules=args.rules, skip=args.skip, enable=args.enable + (["rm_residual"] if args.rm else []) + (["fuse_activations"] if args.fuse_activations else []), input_shapes=args.input_shape,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, aggressive=args.aggressive, seed=args.seed,
         verify_options=VerifyOptions(deployed=not args.no_deployed_check),
+        freeze_inputs=args.freeze_inputs, fold_limit=args.fold_limit,
         also_writes=(args.report,) if args.report else (),
     )
     report.input = args.input

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import folding as F
 from . import graph as G
 from . import kernels as K
 from . import patterns as P
@@ -76,7 +77,8 @@ def _bn_affine(node: gs.Node) -> Affine | Decline:
         return Decline("BatchNormalization's running-statistics outputs are used")
     params = [G.const(t) for t in node.inputs[1:5]]
     if len(params) < 4 or any(p is None for p in params):
-        return Decline("BatchNormalization parameters are not constant")
+        hint = "".join(F.overridable_hint(t) for t, p in zip(node.inputs[1:5], params) if p is None)
+        return Decline(f"BatchNormalization parameters are not constant{hint}")
     eps = float(node.attrs.get("epsilon", 1e-5))
     a, c = K.bn_affine(*params, eps)
     return Affine(a.reshape(-1), c.reshape(-1), node.inputs[0], G.rank(node.inputs[0]))
@@ -151,12 +153,12 @@ def conv_of(node: gs.Node) -> LinearOp | Decline:
 def _conv(node: gs.Node) -> LinearOp | Decline:
     w = G.const(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None:
-        return Decline("Conv weight is not constant")
+        return Decline(f"Conv weight is not constant{F.overridable_hint(node.inputs[1]) if len(node.inputs) > 1 else ''}")
     b = None
     if len(node.inputs) > 2 and node.inputs[2].name:
         b = G.const(node.inputs[2])
         if b is None:
-            return Decline("Conv bias is not constant")
+            return Decline(f"Conv bias is not constant{F.overridable_hint(node.inputs[2])}")
     geo = conv_geometry(node, w.shape)
     if not geo:
         return geo
@@ -225,7 +227,7 @@ def _gemm(node: gs.Node) -> LinearOp | Decline:
     a, bt = node.inputs[0], node.inputs[1]
     w = G.const(bt)
     if w is None:
-        return Decline("Gemm weight is not constant")
+        return Decline(f"Gemm weight is not constant{F.overridable_hint(bt)}")
     if int(node.attrs.get("transA", 0)):
         return Decline("Gemm with transA=1")
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
@@ -235,7 +237,7 @@ def _gemm(node: gs.Node) -> LinearOp | Decline:
     if len(node.inputs) > 2 and node.inputs[2].name:
         c = G.const(node.inputs[2])
         if c is None:
-            return Decline("Gemm bias is not constant")
+            return Decline(f"Gemm bias is not constant{F.overridable_hint(node.inputs[2])}")
         if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
             return Decline("Gemm bias is not a per-output vector")
         bias = np.broadcast_to(c.reshape(-1).astype(np.float64) * beta, (w.shape[0],))

@@ -19,7 +19,7 @@ import onnx
 
 from . import engine as E
 from . import graph as G
-from . import shapes as S, stats, verify as V
+from . import folding as F, shapes as S, stats, validate, verify as V
 from .errors import InputError, OnnxrepError, UsageError
 from .io import check_model, check_not_input, check_output_path, open_model, run_checker, stage_model
 from .lean import LeanModel, point_stub, without_payload
@@ -77,13 +77,15 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
-    """Pin shapes, infer shapes, import, fold constants (shape arithmetic included).
+def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = None,
+            folding: "F.FoldOptions | None" = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
+    """Pin shapes, infer shapes, import, fold constants (onnxrep.folding), check structure (validate).
 
     Works on a payload-free copy of `model` whose stubs are then pointed back at `model`'s own
     tensors (or a LeanModel's payloads, which may still be in the input file): nothing here reads
     or copies a weight, and `model` is not modified. Returns that copy (the template for export:
     opsets, IR version, metadata) and the graph."""
+    folding = folding or F.FoldOptions()
     proto, sources = (model.proto, list(model.payloads)) if isinstance(model, LeanModel) else (model, [])
 
     def keep(src, stub):
@@ -91,37 +93,17 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
         sources.append(src)
 
     work = without_payload(proto, min_bytes=G.PAYLOAD_MIN, on_stub=keep)
+    kept = [] if folding.freeze_inputs else F.take_overridable(work)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
     work = infer_shapes(work)
     graph = G.import_graph(work)
     G.attach_payloads(graph, sources)
-    for _ in range(4):
-        before = len(graph.nodes)
-        fold_constants(graph)
-        if len(graph.nodes) == before:
-            break
-        # folding turned computed Pad amounts, Reshape targets, ... into constants: infer again so
-        # the tensors behind them get static shapes, which lets the next round fold Shape ops
-        skeleton = G.export_skeleton(graph, work).proto
-        G.update_shapes(graph, infer_shapes(_strip_value_info(skeleton)))
+    F.keep_overridable(graph, kept, sources)
+    F.fold(graph, work, infer_shapes, folding)
+    validate.check_graph(graph)
     del work.graph.value_info[:]
     return work, graph
-
-
-def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    del model.graph.value_info[:]
-    return model
-
-
-def fold_constants(graph) -> None:
-    G.quiet_onnxruntime()
-    G.read_folded_weights(graph)
-    try:
-        graph.fold_constants(fold_shapes=True, error_ok=True)
-    except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
-        log.debug("constant folding stopped: %s", e)
-    G.tidy(graph)
 
 
 def keep_known_dims(model: onnx.ModelProto) -> None:
@@ -150,6 +132,7 @@ class Rewritten(LeanModel):
     def __init__(self, graph, template, ctx: E.Context, rules: list[E.Rule]):
         self.graph, self.ctx, self.rules = graph, ctx, rules
         lean = G.export_skeleton(graph, template, ctx.provenance)
+        F.restore_overridable(graph, lean)  # initializers that are inputs: the signature stays
         keep_known_dims(lean.proto)
         super().__init__(lean.proto, lean.payloads)
 
@@ -173,12 +156,14 @@ def rewrite_graph(model: "onnx.ModelProto | LeanModel", rules: list[E.Rule], opt
     the rules then use instead of reading the weights a second time. `before`: the input's
     statistics; MACs it could not count (shapes known only after folding) are counted on the
     folded graph, which computes the same thing."""
-    template, graph = prepare(model, options.input_shapes)
+    folding = getattr(options, "folding", None)  # set by reparameterize (engine.Options has no field for it)
+    template, graph = prepare(model, options.input_shapes, folding)
     if before is not None and before.get("macs") is None:
         before["macs"] = stats.macs(G.export_skeleton(graph, template).proto)
     if loaded:
         G.preload(graph, loaded)
     ctx = E.Context(graph, options)
+    ctx.notes.extend(F.fold_log(graph).notes((folding or F.FoldOptions()).fold_limit))
     E.run(graph, rules, ctx)
     G.tidy(graph)
     G.release_loaded(graph)  # weights the rules read but kept: back to the input's tensors
@@ -193,14 +178,15 @@ def rewrite(model: onnx.ModelProto, rules: list[E.Rule], options: E.Options) -> 
 def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
              enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
              rtol: float | None = None, atol: float | None = None, aggressive: bool = False, seed: int | None = None,
-             return_report: bool = False, verify_options: V.VerifyOptions | None = None):
+             freeze_inputs: bool = False, fold_limit: int | None = None, return_report: bool = False,
+             verify_options: V.VerifyOptions | None = None):
     """Re-parameterize `model` (a path, ModelProto or lean.LeanModel); see the module docstring.
     Returns the optimized ModelProto (every weight in memory); to write a file without that,
     use optimize_file. rtol/atol/seed: None takes VerifyOptions' default; verify_options: all of
     the verification's settings at once (rtol/atol/seed, when given, override its fields)."""
     rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,
                                        verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed,
-                                       verify_options=verify_options)
+                                       verify_options=verify_options, freeze_inputs=freeze_inputs, fold_limit=fold_limit)
     out = rewritten.model()
     return (out, report) if return_report else out
 
@@ -270,14 +256,18 @@ def _rebuild(lean: LeanModel, rewritten: Rewritten):
 def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | None = None,
                    enable: list[str] | None = None, input_shapes: dict | None = None, verify: bool = True,
                    rtol: float | None = None, atol: float | None = None, aggressive: bool = False,
-                   seed: int | None = None, verify_options: V.VerifyOptions | None = None) -> tuple[Rewritten, Report]:
+                   seed: int | None = None, verify_options: V.VerifyOptions | None = None,
+                   freeze_inputs: bool = False, fold_limit: int | None = None) -> tuple[Rewritten, Report]:
     """optimize() up to the written model: returns the Rewritten model (a LeanModel whose weights
     are the rules' arrays and, for weights no rule changed, the input's tensors, still in the
     input file when `model` came from a path or io.open_model) and the report.
 
     open → (reference run) → fold → sweep the rules → check → verify in memory (verify.check, ORT
     fed the rewritten arrays). The reference runs first: while it holds a copy of the weights,
-    nothing else does; the rules then take those arrays over and release each as they replace it."""
+    nothing else does; the rules then take those arrays over and release each as they replace it.
+    freeze_inputs: fold initializers that are also graph inputs (overridable defaults) as constants,
+    dropping them from the inputs. fold_limit: largest tensor constant folding may make, in bytes
+    (default folding.DEFAULT_FOLD_LIMIT, ORT's own)."""
     t0 = time.perf_counter()
     path = None
     if isinstance(model, (str, os.PathLike)):
@@ -298,8 +288,12 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     input_shapes = S.from_api(input_shapes)
     S.check_against(input_shapes, S.model_inputs(lean.proto.graph.input), api=api)
     selected = E.select_rules(rules, skip, enable)
+    if fold_limit is not None and (isinstance(fold_limit, bool) or not isinstance(fold_limit, int) or fold_limit < 0):
+        raise UsageError(f"fold_limit must be a number of bytes >= 0, not {fold_limit!r}")
     options = E.Options(aggressive=aggressive, input_shapes=input_shapes or {})
     vopts = _verify_options(verify_options, rtol, atol, seed)
+    options.folding = F.FoldOptions(freeze_inputs=bool(freeze_inputs),
+                                    fold_limit=F.DEFAULT_FOLD_LIMIT if fold_limit is None else fold_limit)
     before = stats.summarize(lean.proto, file_bytes)
     ref = None
     verify_seconds = 0.0

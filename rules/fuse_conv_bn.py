@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from onnxrep import folding as F
 from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
@@ -61,9 +62,9 @@ class FuseConvBn(Rule):
                 return r
         if up.op in KEEPS_GEOMETRY:
             if G.const(up.inputs[1]) is None:
-                return f"{up.op} weight is not constant"
+                return f"{up.op} weight is not constant{F.overridable_hint(up.inputs[1])}"
             if len(up.inputs) > 2 and up.inputs[2].name and G.const(up.inputs[2]) is None:
-                return f"{up.op} bias is not constant"
+                return f"{up.op} bias is not constant{F.overridable_hint(up.inputs[2])}"
             cout = _out_channels(up)
         else:
             lin = L.conv_of(up)

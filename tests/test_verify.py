@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
+from onnxrep import folding as F
 from onnxrep import cli
 from onnxrep import optimizer as O
 from onnxrep import verify as V
@@ -127,8 +128,8 @@ def test_constant_folding_is_named_when_the_graph_with_no_rule_differs(tmp_path,
     graph rebuilt with no rule differs too, and the error names constant folding (exit 4)."""
     real = O.prepare
 
-    def corrupting_prepare(model, input_shapes=None):
-        template, graph = real(model, input_shapes)
+    def corrupting_prepare(model, input_shapes=None, folding=None):
+        template, graph = real(model, input_shapes, folding)
         for t in graph.tensors().values():
             if t.name == "W" and hasattr(t, "values"):
                 t.values = np.asarray(t.values) + 1.0
@@ -265,6 +266,9 @@ def test_wrong_value_info_fails_verification_with_exit_4(tmp_path, monkeypatch, 
     dst.parent.mkdir()
     torch.onnx.export(SplitConvs().eval(), (torch.randn(1, 6, 8, 8),), str(src), dynamo=True, optimize=False)
     capfd.readouterr()
+    # keep the exporter's SplitToSequence/SequenceAt (folding.py now rewrites it to a Split, which
+    # removes the trigger) and write the value_info as main did: the deployed run must refuse it
+    monkeypatch.setattr(F, "_sequence_to_split", lambda graph, node: 0)
     monkeypatch.setattr(O, "keep_known_dims", lambda model: None)
     assert cli.main(["optimize", str(src), str(dst)]) == 4
     err = capfd.readouterr().err.splitlines()

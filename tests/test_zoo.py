@@ -1,8 +1,13 @@
-"""End to end over the model zoo: every model, in every exporter form, reaches its deploy form.
+"""End to end over the model zoo: every model, in every exporter form, with static, dynamic-batch
+and dynamic-H/W axes, reaches its deploy form.
 
-For each (model, form): export with torch, run `python -m onnxrep optimize` for real, then check
-the output with onnx.checker (full), compare it with the torch output, and compare its op
-histogram with the entry's documented deploy_ops.
+The matrix (models.ZOO x models.export.FORMS x AXES): export with torch once per cell into a
+session-scoped directory, optimize it as the CLI does (onnxrep.optimize_file: streamed, verified as
+written), then check the output with onnx.checker (full), compare it with torch, check that the
+symbolic axes stayed symbolic, that every linear region left unmerged has a decline reason, and
+compare its op histogram with the entry's documented deploy_ops. Static cells always run; the
+dynamic-axes cells run for a representative subset by default and for the rest under `slow`
+(the dynamo exporter takes seconds per export). The CLI itself runs once per form.
 """
 from __future__ import annotations
 
@@ -16,29 +21,69 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models import ZOO, check_deploy_ops  # noqa: E402
-from models.export import FORMS, export_onnx  # noqa: E402
+from models.export import AXES, FIXED_HW, FORMS, export_onnx  # noqa: E402
 from onnxrep import verify as V  # noqa: E402
+from onnxrep.errors import InputError  # noqa: E402
 
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+#: dynamic-axes cells that run by default (legacy forms / dynamo forms); the rest are `slow`
+DYNAMIC_FAST = {"repvgg", "split_concat", "dbb_subpadadd", "mobileone", "repmlp", "fastvit"}
+DYNAMO_DYNAMIC_FAST = {"repvgg", "split_concat"}
+
+_SLICE_FILL = ("the slice assignment's ScatterND border fill is computed from the symbolic dims: "
+               "not constant (or the padded tensor is read twice), so canonicalize_border_fill declines; "
+               "pinning the shape with --input-shape merges it, except dynamo-noopt (a padded tensor feeds two "
+               "slice assignments)")
+#: cells that do not reach the deploy form, and why; each still optimizes (or is refused) correctly,
+#: and a cell that starts reaching it fails, so this list only shrinks
+KNOWN_GAPS = {("dbb_slice", form, axes): _SLICE_FILL for form in FORMS for axes in ("batch", "hw")}
+KNOWN_GAPS.update({("dbb_slice", form, "hw"): "the legacy exporter bakes the traced 16x16 into the slice "
+                   "assignment's Expand: the export itself only runs at that size (exit 3 at 32x32)"
+                   for form in FORMS if form.startswith("legacy")})
+
+
+def _cells():
+    for name in sorted(ZOO):
+        for form in FORMS:
+            for axes in AXES:
+                if axes == "hw" and name in FIXED_HW:
+                    continue
+                fast = axes == "static" or name in (DYNAMO_DYNAMIC_FAST if form.startswith("dynamo") else DYNAMIC_FAST)
+                yield pytest.param(name, form, axes, marks=[] if fast else [pytest.mark.slow],
+                                   id=f"{name}-{form}-{axes}")
+
+
+@pytest.fixture(scope="session")
+def zoo_exports(tmp_path_factory):
+    """get(name, form, axes) -> (path, x, torch output); each cell exported once per session."""
+    root = tmp_path_factory.mktemp("zoo")
+    cache, models = {}, {}
+
+    def get(name, form, axes="static"):
+        key = (name, form, axes)
+        if key not in cache:
+            entry = ZOO[name]
+            if name not in models:
+                models[name] = entry.build()
+            model = models[name]
+            try:
+                path = export_onnx(model, entry.input_shape, root / name / f"{form}-{axes}.onnx", form, axes=axes)
+            except Exception as e:  # noqa: BLE001 - recorded, reported by the test that needs it
+                cache[key] = e
+                return e
+            shape = (2, *entry.input_shape[1:]) if axes == "batch" else entry.input_shape
+            x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+            with torch.no_grad():
+                ref = model(torch.from_numpy(x)).numpy()
+            cache[key] = (path, x, ref)
+        return cache[key]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    cache = {}
-
-    def get(name, form):
-        if (name, form) not in cache:
-            entry = ZOO[name]
-            model = entry.build()
-            path = export_onnx(model, entry.input_shape, root / name / f"{form}.onnx", form)
-            x = np.random.default_rng(1).standard_normal(entry.input_shape).astype(np.float32)
-            with torch.no_grad():
-                ref = model(torch.from_numpy(x)).numpy()
-            cache[name, form] = (path, x, ref)
-        return cache[name, form]
-
-    return get
+def exports(zoo_exports):
+    return lambda name, form: zoo_exports(name, form, "static")
 
 
 def _bn_next_to_linear(model: onnx.ModelProto) -> list[str]:
@@ -59,27 +104,92 @@ def _bn_next_to_linear(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
+def _unexplained(model: onnx.ModelProto, declines: list[dict]) -> list[str]:
+    """Linear ops left next to each other (a BN, Pad or AveragePool, or a sum with a linear term)
+    that no rule gave a reason for leaving."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    named = {d["node"] for d in declines}
+    linear = LINEAR | {"BatchNormalization", "Pad", "AveragePool"}
+    out = []
+    for n in model.graph.node:
+        leftover = n.op_type in ("BatchNormalization", "Pad", "AveragePool")
+        if n.op_type in ("Add", "Sub", "Sum"):
+            leftover = any(producer.get(i) is not None and producer[i].op_type in linear for i in n.input)
+        if not leftover:
+            continue
+        # a rule anchors its decline at the region's head, which may sit downstream behind plumbing
+        # (a slice assignment is Transpose → ScatterND → Transpose, four times for DBB's border),
+        # or names a tensor of the region in its reason; the walk stops at the next linear op
+        near, tensors, frontier = {n.name}, set(n.output), [n]
+        near |= {producer[i].name for i in n.input if i in producer}
+        for _ in range(16):
+            frontier = [r for f in frontier if f is n or f.op_type not in LINEAR
+                        for o in f.output for r in readers.get(o, [])]
+            near |= {f.name for f in frontier}
+            tensors |= {o for f in frontier for o in f.output}
+        mentioned = any(f"'{t}'" in d["reason"] for d in declines for t in tensors)
+        if not near & named and not mentioned:
+            out.append(f"{n.op_type} {n.name}")
+    return out
+
+
+@pytest.mark.parametrize("name,form,axes", list(_cells()))
+def test_zoo_reaches_deploy_form(zoo_exports, tmp_path, name, form, axes):
+    """optimize_file writes a verified model that passes the full checker, equals torch, keeps its
+    symbolic axes, explains every region it left, and has the entry's deploy_ops."""
+    import onnxrep
+
+    gap = KNOWN_GAPS.get((name, form, axes))
+    got = zoo_exports(name, form, axes)
+    if isinstance(got, Exception):
+        if gap:
+            pytest.xfail(f"{gap} (export: {type(got).__name__})")
+        raise got
+    path, x, ref = got
+    out = tmp_path / "deploy.onnx"
+    try:
+        report = onnxrep.optimize_file(path, out)
+    except InputError:
+        if gap:
+            pytest.xfail(gap)
+        raise
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    y = V.run(model, {"input": x})["output"]
+    # torch and ORT differ by fp32 rounding; deep nets (ResNet-50) accumulate ~1e-5 of it
+    assert np.abs(y - ref).max() <= 3e-5 * float(np.abs(ref).max())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    symbolic = {"static": [], "batch": [0], "hw": [2, 3]}[axes]
+    assert [i for i, d in enumerate(dims) if not d.HasField("dim_value")] == symbolic
+    assert _unexplained(model, report.declines) == []
+    problems = check_deploy_ops(ZOO[name].deploy_ops, report.after["ops"]) + _bn_next_to_linear(model)
+    if gap:
+        if problems:
+            pytest.xfail(gap)
+        pytest.fail(f"known gap now reaches the deploy form: remove {(name, form, axes)} from KNOWN_GAPS")
+    assert problems == []
+
+
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", sorted(ZOO))
-def test_zoo_reaches_deploy_form(exports, tmp_path, name, form):
-    """optimize exits 0, the output passes the full checker, equals torch, and has deploy_ops."""
-    path, x, ref = exports(name, form)
+def test_cli_optimizes_every_form(exports, tmp_path, form):
+    """`python -m onnxrep optimize -q` on each exporter form: exit 0, silent, deploy form."""
+    path, x, ref = exports("repvgg", form)
     out = tmp_path / "deploy.onnx"
     proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(out), "-q"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     model = onnx.load(str(out))
-    onnx.checker.check_model(model, full_check=True)
-    got = V.run(model, {"input": x})["output"]
-    scale = float(np.abs(ref).max())
-    # torch and ORT differ by fp32 rounding; deep nets (ResNet-50) accumulate ~1e-5 of it
-    assert np.abs(got - ref).max() <= 3e-5 * scale
-    assert _bn_next_to_linear(model) == []
     hist = {}
     for n in model.graph.node:
         hist[n.op_type] = hist.get(n.op_type, 0) + 1
-    assert check_deploy_ops(ZOO[name].deploy_ops, hist) == []
+    assert check_deploy_ops(ZOO["repvgg"].deploy_ops, hist) == []
+    y = V.run(model, {"input": x})["output"]
+    assert np.abs(y - ref).max() <= 3e-5 * float(np.abs(ref).max())
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -99,7 +209,7 @@ def test_open_model_reads_every_export_as_onnx_does(exports, name, form):
 
 @pytest.mark.parametrize("name", ["repvgg", "dbb_slice", "mobileone"])
 def test_all_forms_reach_the_same_graph(exports, tmp_path, name):
-    """The three exporter forms of one model optimize to the same op histogram and outputs."""
+    """Every exporter form of one model optimizes to the same op histogram and outputs."""
     import onnxrep
 
     outs = []
@@ -109,7 +219,7 @@ def test_all_forms_reach_the_same_graph(exports, tmp_path, name):
         hist = sorted((n.op_type for n in model.graph.node))
         outs.append((hist, V.run(model, {"input": x})["output"]))
     norm = [sorted({"ReduceMean": "GlobalAveragePool", "Reshape": "Flatten"}.get(o, o) for o in h) for h, _ in outs]
-    assert norm[0] == norm[1] == norm[2]
+    assert all(h == norm[0] for h in norm), dict(zip(FORMS, norm))
     scale = float(np.abs(outs[0][1]).max())
     for _, y in outs[1:]:
         assert np.abs(y - outs[0][1]).max() <= 1e-5 * scale
@@ -124,20 +234,3 @@ def test_second_run_changes_nothing(exports):
     twice, report = onnxrep.optimize(once, return_report=True)
     assert report.rule_counts == {}
     assert [n.op_type for n in twice.graph.node] == [n.op_type for n in once.graph.node]
-
-
-@pytest.mark.parametrize("name", ["split_concat", "dbb_subpadadd", "repvgg", "repmlp"])
-def test_dynamic_batch_reaches_deploy_form(tmp_path, name):
-    """With a symbolic batch the model still reaches its deploy form, and the batch stays symbolic."""
-    import onnxrep
-
-    entry = ZOO[name]
-    path = export_onnx(entry.build(), entry.input_shape, tmp_path / "train.onnx", "legacy-nofold", dynamic_batch=True)
-    out, report = onnxrep.optimize(str(path), return_report=True)
-    assert check_deploy_ops(entry.deploy_ops, report.after["ops"]) == []
-    dim = out.graph.input[0].type.tensor_type.shape.dim[0]
-    assert not dim.HasField("dim_value") and dim.dim_param
-    x = np.random.default_rng(0).standard_normal((3,) + tuple(entry.input_shape[1:])).astype(np.float32)
-    ref = V.run(onnx.load(str(path)), {"input": x})["output"]
-    got = V.run(out, {"input": x})["output"]
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

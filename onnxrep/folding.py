@@ -1,0 +1,590 @@
+"""Constant folding you can trust: the prepare step's folding loop.
+
+Folding is a rewrite like any other: it can be wrong and it can explode. So:
+
+1. Shapes are folded here, not by onnx-graphsurgeon (whose shape folding reads `Shape(x)` as the
+   full shape whatever its `start`/`end`): `Shape`, `Size`, and `Gather`/`Slice` of a `Shape` whose
+   selected dims are static become constants; a `Shape` of a constant is read from its dims
+   without loading the weight.
+2. Exporter spellings that hide a constant are canonicalized: `CastLike(c, x)` with a constant `c`
+   and a known dtype of `x` is `Cast(c, to=dtype(x))` (the dynamo exporter's bias-free convs carry
+   `Expand(CastLike(0, x), Shape(W))` as bias); `SplitToSequence` with constant splits read only
+   by `SequenceAt` at constant positions is a `Split`.
+3. Everything else is evaluated by ONNX Runtime (through graphsurgeon), node by node only when
+   the node's output size is bounded before it runs: by its inferred static shape, by the values
+   that set it (`ConstantOfShape`, `Expand`, `Tile`, `Range`) or by its inputs' shapes. A tensor
+   over the fold limit (ORT's own default: 1 GiB) is not materialized; a node whose size cannot
+   be bounded yet waits for the next round (its inputs are constants by then). Random ops never fold.
+4. Initializers that are also graph inputs (IR >= 4) are defaults a caller may override, not
+   constants: they are kept out of the graph's constants and put back, input and initializer,
+   when the graph is exported. `freeze_inputs` folds them as constants (and drops them from the
+   inputs), which changes the model's signature.
+
+    before                                   after
+    Shape(x, start=1, end=2) ──► Reshape     Constant([C]) ──► Reshape
+    Expand(CastLike(0, x), Shape(W))         Constant(zeros(Cout))
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+from .lean import point_stub, stub_index
+
+log = logging.getLogger("onnxrep")
+
+#: ONNX Runtime's own cap on a constant-folded output (optimization.constant_folding_max_output_size_in_bytes)
+DEFAULT_FOLD_LIMIT = 1 << 30
+
+#: rounds of fold → infer shapes → fold; each round folds what the previous one made constant
+MAX_ROUNDS = 8
+
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# ops whose output size is set by the values of an input, not by input shapes
+_SIZE_FROM_VALUES = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
+                     "CenterCropPad", "Col2Im", "NonZero", "Compress", "Unique", "TopK", "Loop", "Scan", "If",
+                     "Einsum", "SequenceConstruct", "SplitToSequence", "ConcatFromSequence", "StringSplit"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Equal", "Less", "Greater", "LessOrEqual",
+                "GreaterOrEqual", "And", "Or", "Xor", "Where", "Max", "Min", "Sum", "Mean", "BitShift",
+                "PRelu", "BitwiseAnd", "BitwiseOr", "BitwiseXor"}
+
+
+@dataclass
+class FoldOptions:
+    """How prepare folds. freeze_inputs: fold initializers that are also graph inputs (changes the
+    model's signature). fold_limit: largest tensor folding may materialize, in bytes."""
+
+    freeze_inputs: bool = False
+    fold_limit: int = DEFAULT_FOLD_LIMIT
+
+
+@dataclass
+class FoldLog:
+    """What folding declined, for the report."""
+
+    too_large: dict[str, int] = field(default_factory=dict)  # tensor -> bytes it would take
+    kept_inputs: list[str] = field(default_factory=list)  # overridable initializers kept as inputs
+
+    def notes(self, limit: int) -> list[str]:
+        out = []
+        if self.kept_inputs:
+            names = ", ".join(f"'{n}'" for n in self.kept_inputs[:5]) + (" ..." if len(self.kept_inputs) > 5 else "")
+            out.append(f"{len(self.kept_inputs)} initializer(s) are also graph inputs (defaults a caller may "
+                       f"override), kept as inputs, not folded: {names}; --freeze-inputs treats them as constants")
+        for name, nbytes in self.too_large.items():
+            out.append(f"not folded: '{name}' would take {_size(nbytes)}, over the fold limit of {_size(limit)} "
+                       "(--fold-limit raises it)")
+        return out
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def fold_log(graph: gs.Graph) -> FoldLog:
+    log_ = vars(graph).get("_onnxrep_fold_log")  # gs.Graph.__getattr__ would look up a graph function
+    if log_ is None:
+        log_ = graph._onnxrep_fold_log = FoldLog()
+    return log_
+
+
+# -- overridable initializers ----------------------------------------------------------------------
+def take_overridable(work: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Remove from `work` (a payload-free copy) the initializers that are also graph inputs and
+    return them (copies: stubs keep their payload index). IR < 4 lists every initializer as an
+    input, so there they are constants as before."""
+    if work.ir_version < 4:
+        return []
+    inputs = {i.name for i in work.graph.input}
+    kept, rest = [], []
+    for t in work.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)  # payload-free (a stub) above PAYLOAD_MIN: cheap
+        (kept if t.name in inputs else rest).append(copy)
+    if kept:
+        del work.graph.initializer[:]
+        work.graph.initializer.extend(rest)
+    return kept
+
+
+def keep_overridable(graph: gs.Graph, kept: list[onnx.TensorProto], sources: list) -> None:
+    """Remember `kept` (take_overridable) on the graph, each with the payload its stub points at, and
+    mark their input Variables so a rule's decline can say why they are not constant."""
+    graph._onnxrep_overridable = [(t, sources[stub_index(t)] if stub_index(t) is not None else None) for t in kept]
+    names = {t.name for t in kept}
+    for v in graph.inputs:
+        if v.name in names:
+            v._onnxrep_overridable = True
+    fold_log(graph).kept_inputs = [t.name for t in kept]
+
+
+def restore_overridable(graph: gs.Graph, lean) -> None:
+    """Put the kept initializers back into an export of `graph` (a LeanModel), as initializers of
+    the inputs they default, so the model's signature is unchanged."""
+    kept = vars(graph).get("_onnxrep_overridable") or []
+    inputs = {i.name for i in lean.proto.graph.input}
+    for t, payload in kept:
+        if t.name not in inputs:
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        if payload is not None:
+            lean.payloads.append(payload)
+            point_stub(copy, len(lean.payloads) - 1)
+        lean.proto.graph.initializer.append(copy)
+
+
+def overridable_hint(t: gs.Tensor) -> str:
+    """' (...)' naming --freeze-inputs when `t` is an overridable input, else ''."""
+    if getattr(t, "_onnxrep_overridable", False):
+        return f" ('{t.name}' is a graph input with a default value a caller may override; --freeze-inputs folds it)"
+    return ""
+
+
+# -- shapes ----------------------------------------------------------------------------------------
+def _dims(t: gs.Tensor) -> list | None:
+    if isinstance(t, gs.Constant):
+        return [int(d) for d in t.shape]
+    return None if t.shape is None else list(t.shape)
+
+
+def _static(d) -> bool:
+    return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+
+
+def shape_slice(rank: int, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Shape's start/end (opset 15) clamped to [0, rank] after adding rank to negatives."""
+    end = rank if end is None else end
+    start, end = (v + rank if v < 0 else v for v in (start, end))
+    return min(max(start, 0), rank), min(max(end, 0), rank)
+
+
+def _to_constant(graph: gs.Graph, t: gs.Tensor, values: np.ndarray) -> bool:
+    if G.is_graph_output(graph, t) or not isinstance(t, gs.Variable):
+        return False
+    t.to_constant(values)
+    t.inputs.clear()
+    return True
+
+
+def _const_ints(t) -> np.ndarray | None:
+    if not isinstance(t, gs.Constant) or t.dtype not in (np.int64, np.int32):
+        return None
+    return np.asarray(G.const(t)).astype(np.int64)
+
+
+def fold_shapes(graph: gs.Graph) -> int:
+    """Shape, Size, and Gather/Slice(axis 0) of a Shape, where the dims they select are static."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.op not in ("Shape", "Size") or not node.outputs or not node.inputs:
+            continue
+        dims = _dims(node.inputs[0])
+        if dims is None:
+            continue
+        out = node.outputs[0]
+        if node.op == "Size":
+            if all(_static(d) for d in dims) and _to_constant(graph, out, np.array(math.prod(dims), np.int64)):
+                done += 1
+            continue
+        start, end = shape_slice(len(dims), int(node.attrs.get("start", 0)),
+                                 None if node.attrs.get("end") is None else int(node.attrs["end"]))
+        sel = dims[start:end]
+        if all(_static(d) for d in sel):
+            if _to_constant(graph, out, np.array(sel, np.int64)):
+                done += 1
+            continue
+        for reader in list(out.outputs):  # part of a dynamic shape: the static dims a reader picks
+            picked = _pick(reader, out, sel)
+            if picked is not None and all(_static(d) for d in picked.reshape(-1)) and \
+                    _to_constant(graph, reader.outputs[0], picked.astype(np.int64)):
+                reader.inputs.clear()
+                done += 1
+    return done
+
+
+def _pick(reader: gs.Node, shape_t: gs.Tensor, sel: list) -> np.ndarray | None:
+    if not reader.inputs or reader.inputs[0] is not shape_t or len(reader.outputs) != 1:
+        return None
+    n = len(sel)
+    if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) in (0, -1):
+        idx = _const_ints(reader.inputs[1]) if len(reader.inputs) > 1 else None
+        if idx is None or np.any((idx < -n) | (idx >= n)):
+            return None
+        return np.array([sel[int(i)] for i in idx.reshape(-1)], dtype=object).reshape(idx.shape)
+    if reader.op == "Slice" and len(reader.inputs) >= 3:
+        bounds = [_const_ints(t) if t.name else None for t in reader.inputs[1:]]
+        if any(b is None for b in bounds[:2]):
+            return None
+        if len(bounds) > 2 and reader.inputs[3].name and (bounds[2] is None or bounds[2].reshape(-1).tolist() not in ([0], [-1])):
+            return None
+        step = 1
+        if len(bounds) > 3 and reader.inputs[4].name:
+            if bounds[3] is None or bounds[3].size != 1 or int(bounds[3].reshape(-1)[0]) == 0:
+                return None
+            step = int(bounds[3].reshape(-1)[0])
+        if bounds[0].size != 1 or bounds[1].size != 1:
+            return None
+        s, e = int(bounds[0].reshape(-1)[0]), int(bounds[1].reshape(-1)[0])
+        return np.array(sel[slice(*_slice_bounds(n, s, e, step))], dtype=object)
+    return None
+
+
+def _slice_bounds(n: int, start: int, end: int, step: int) -> tuple[int, int | None, int]:
+    """ONNX Slice's clamping of one axis as Python slice arguments."""
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), n), min(max(end, 0), n), step
+    start = min(max(start, 0), n - 1)
+    end = min(max(end, -1), n - 1)
+    return start, (None if end < 0 else end), step
+
+
+# -- exporter spellings ----------------------------------------------------------------------------
+def canonicalize(graph: gs.Graph) -> int:
+    """CastLike of a constant → Cast; SplitToSequence + SequenceAt with constant splits → Split."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.op == "CastLike" and len(node.inputs) == 2 and isinstance(node.inputs[0], gs.Constant):
+            dt = G.dtype_of(node.inputs[1])
+            if dt is None:
+                continue
+            try:
+                to = int(onnx.helper.np_dtype_to_tensor_dtype(dt))
+            except Exception:
+                continue
+            attrs = {"to": to}
+            if "saturate" in node.attrs:
+                attrs["saturate"] = node.attrs["saturate"]
+            node.op, node.attrs = "Cast", attrs
+            del node.inputs[1]
+            done += 1
+        elif node.op == "SplitToSequence":
+            done += _sequence_to_split(graph, node)
+        elif node.op == "Reshape":
+            done += _reshape_copying_dims(graph, node)
+        elif node.op == "Slice":
+            done += _whole_slice(graph, node)
+    return done
+
+
+def _whole_slice(graph: gs.Graph, node: gs.Node) -> int:
+    """Slice(x, 0, INT_MAX) with step 1 on every axis it names is x (the exporters' `x[:, ...]` of a
+    slice assignment): its readers read x. Exact for any size of x, symbolic dims included."""
+    if len(node.inputs) < 3 or len(node.outputs) != 1 or G.is_graph_output(graph, node.outputs[0]):
+        return 0
+    starts, ends = (_const_ints(t) for t in node.inputs[1:3])
+    steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+    if starts is None or ends is None or (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
+        return 0
+    if len(node.inputs) > 3 and node.inputs[3].name and _const_ints(node.inputs[3]) is None:
+        return 0
+    dims = _dims(node.inputs[0])
+    axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else np.arange(starts.size)
+    for i, (a, b) in enumerate(zip(starts.reshape(-1), ends.reshape(-1))):
+        d = None
+        if dims is not None and -len(dims) <= int(axes.reshape(-1)[i]) < len(dims):
+            d = dims[int(axes.reshape(-1)[i])]
+        whole = b >= np.iinfo(np.int32).max or (_static(d) and b >= d)
+        if a != 0 or not whole or (steps is not None and int(steps.reshape(-1)[i]) != 1):
+            return 0
+    x, out = node.inputs[0], node.outputs[0]
+    for reader in list(out.outputs):
+        for j, t in enumerate(reader.inputs):
+            if t is out:
+                reader.inputs[j] = x
+    node.inputs.clear()
+    node.outputs.clear()
+    return 1
+
+
+_SYMBOLIC_LEN = 8  # shape values longer than this are not shape arithmetic
+
+
+def shape_value(t: gs.Tensor, depth: int = 0) -> list | None:
+    """The value of a small int tensor computed from shapes, per element: an int, the name of a
+    symbolic dim (str), or None (unknown); None when it is not shape arithmetic of this kind."""
+    if depth > 16:
+        return None
+    if isinstance(t, gs.Constant):
+        v = _const_ints(t)
+        return None if v is None or v.size > _SYMBOLIC_LEN else [int(x) for x in v.reshape(-1)]
+    n = G.producer(t)
+    if n is not None and n.op == "Constant":
+        v = n.attrs.get("value")
+        if isinstance(v, gs.Constant):
+            return shape_value(v, depth + 1)
+        ints = n.attrs.get("value_ints", n.attrs.get("value_int"))
+        return None if ints is None else [int(x) for x in np.asarray(ints).reshape(-1)][:_SYMBOLIC_LEN + 1]
+    if n is None or not n.inputs:
+        return None
+    if n.op == "Shape":
+        dims = _dims(n.inputs[0])
+        if dims is None:
+            return None
+        start, end = shape_slice(len(dims), int(n.attrs.get("start", 0)),
+                                 None if n.attrs.get("end") is None else int(n.attrs["end"]))
+        return [int(d) if _static(d) else (d if isinstance(d, str) and d else None) for d in dims[start:end]]
+    if n.op in ("Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten"):
+        v = shape_value(n.inputs[0], depth + 1)
+        return v if v is not None and len(v) == 1 else None  # one element keeps its value
+    if n.op == "Cast" and int(n.attrs.get("to", 0)) in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        return shape_value(n.inputs[0], depth + 1)
+    if n.op == "Concat" and int(n.attrs.get("axis", 0)) in (0, -1):
+        parts = [shape_value(i, depth + 1) for i in n.inputs]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    if n.op in ("Gather", "Slice"):
+        v = shape_value(n.inputs[0], depth + 1)
+        if v is None:
+            return None
+        picked = _pick(n, n.inputs[0], v)
+        return None if picked is None else list(picked.reshape(-1))
+    return None
+
+
+def _reshape_copying_dims(graph: gs.Graph, node: gs.Node) -> int:
+    """Reshape(x, Concat(Shape(x)[i], c)) with a symbolic dim i carried over at the same position →
+    Reshape(x, [0, c]): 0 copies x's dim i (allowzero=0), which is what the shape arithmetic computed.
+    allowzero=1 (the dynamo exporter's) becomes 0 when no entry is a literal 0."""
+    if len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant):
+        return 0
+    vals = shape_value(node.inputs[1])
+    dims = _dims(node.inputs[0])
+    if vals is None or dims is None:
+        return 0
+    if int(node.attrs.get("allowzero", 0)) and 0 in vals:
+        return 0
+    target = []
+    for i, v in enumerate(vals):
+        if isinstance(v, (int, np.integer)):
+            target.append(int(v))
+        elif isinstance(v, str) and i < len(dims) and dims[i] == v:
+            target.append(0)
+        else:
+            return 0
+    if target.count(-1) > 1 or 0 not in target:
+        return 0  # nothing carried over: ordinary folding's business
+    if "allowzero" in node.attrs:
+        node.attrs["allowzero"] = 0
+    node.inputs[1] = G.new_constant(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+    return 1
+
+
+def _sequence_to_split(graph: gs.Graph, node: gs.Node) -> int:
+    seq = node.outputs[0]
+    if len(node.inputs) < 2 or not node.inputs[1].name or G.is_graph_output(graph, seq) or not seq.outputs:
+        return 0
+    x = node.inputs[0]
+    split = _const_ints(node.inputs[1])
+    axis = int(node.attrs.get("axis", 0))
+    dims = _dims(x)
+    if split is None or dims is None or not -len(dims) <= axis < len(dims):
+        return 0
+    axis %= len(dims)
+    if split.ndim == 0:  # chunks of this size, the last one smaller
+        d = dims[axis]
+        if not _static(d) or int(split) <= 0:
+            return 0
+        size = int(split)
+        sizes = [size] * (d // size) + ([d % size] if d % size else [])
+    elif split.ndim == 1 and np.all(split >= 0):
+        sizes = [int(s) for s in split]
+        if _static(dims[axis]) and sum(sizes) != dims[axis]:
+            return 0
+    else:
+        return 0
+    k = len(sizes)
+    taken: dict[int, gs.Tensor] = {}
+    for reader in seq.outputs:
+        if reader.op != "SequenceAt" or reader.inputs[0] is not seq or len(reader.inputs) < 2:
+            return 0
+        pos = _const_ints(reader.inputs[1])
+        if pos is None or pos.size != 1 or not -k <= int(pos.reshape(-1)[0]) < k:
+            return 0
+        p = int(pos.reshape(-1)[0]) % k
+        if p in taken:
+            return 0
+        taken[p] = reader.outputs[0]
+    outs = [taken.get(p) or G.new_variable(graph, f"{seq.name}_part{p}", dtype=x.dtype) for p in range(k)]
+    for reader in list(seq.outputs):
+        reader.inputs.clear()
+        reader.outputs.clear()
+    inputs = [x]
+    attrs = {"axis": axis}
+    if G.opset(graph) >= 13:
+        inputs.append(G.new_constant(graph, f"{seq.name}_split", np.array(sizes, np.int64)))
+    else:
+        attrs["split"] = sizes
+    split_node = gs.Node("Split", name=G.unique_node_name(graph, node.name or "split"), attrs=attrs,
+                         inputs=inputs, outputs=outs)
+    graph.nodes.append(split_node)
+    node.inputs.clear()
+    node.outputs.clear()
+    return 1
+
+
+# -- size guard ------------------------------------------------------------------------------------
+def _itemsize(dtype) -> int:
+    try:
+        return max(np.dtype(dtype).itemsize, 1)
+    except TypeError:
+        return 8
+
+
+def _numel(dims) -> int | None:
+    if dims is None or not all(_static(d) for d in dims):
+        return None
+    return math.prod(int(d) for d in dims)
+
+
+def _broadcast(*shapes) -> list[int] | None:
+    if any(s is None or not all(_static(d) for d in s) for s in shapes):
+        return None
+    r = max(len(s) for s in shapes)
+    out = []
+    for i in range(r):
+        ds = [int(s[i - r + len(s)]) for s in shapes if i - r + len(s) >= 0]
+        big = max(ds)
+        if any(d not in (1, big) for d in ds):
+            return None
+        out.append(0 if 0 in ds else big)
+    return out
+
+
+def estimate_bytes(node: gs.Node) -> int | None:
+    """An upper bound on the bytes `node`'s outputs take, known before it runs, or None."""
+    outs = [o for o in node.outputs if o.name]
+    shapes = [_numel(o.shape) for o in outs]
+    if outs and all(n is not None for n in shapes):
+        return sum(n * _itemsize(o.dtype) for n, o in zip(shapes, outs))
+    item = max((_itemsize(o.dtype) for o in outs if o.dtype is not None), default=8)
+    ins = [t for t in node.inputs if t.name]
+    op = node.op
+    if op == "ConstantOfShape":
+        shape = _const_ints(ins[0]) if ins else None
+        if shape is None or np.any(shape < 0):
+            return None
+        value = node.attrs.get("value")
+        item = _itemsize(value.dtype) if isinstance(value, gs.Constant) else 4
+        return math.prod(int(d) for d in shape.reshape(-1)) * item
+    if op == "Expand" and len(ins) == 2:
+        shape = _const_ints(ins[1])
+        b = _broadcast(_dims(ins[0]), None if shape is None else shape.reshape(-1).tolist())
+        return None if b is None else math.prod(b) * _itemsize(ins[0].dtype)
+    if op == "Tile" and len(ins) == 2:
+        reps, dims = _const_ints(ins[1]), _dims(ins[0])
+        if reps is None or dims is None or not all(_static(d) for d in dims) or np.any(reps < 0):
+            return None
+        return math.prod(int(d) for d in dims) * math.prod(int(r) for r in reps.reshape(-1)) * _itemsize(ins[0].dtype)
+    if op == "Range" and len(ins) == 3:
+        vals = [G.const(t) for t in ins]
+        if any(v is None or np.asarray(v).size != 1 for v in vals):
+            return None
+        start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in vals)
+        if delta == 0 or not all(map(math.isfinite, (start, limit, delta))):
+            return None
+        return max(0, math.ceil((limit - start) / delta)) * _itemsize(ins[0].dtype)
+    if op in _SIZE_FROM_VALUES or node.subgraphs():
+        return None
+    sizes = [_numel(_dims(t)) for t in ins]
+    if any(s is None for s in sizes):
+        return None
+    if op in _ELEMENTWISE:
+        b = _broadcast(*[_dims(t) for t in ins])
+        return None if b is None else math.prod(b) * item * max(len(outs), 1)
+    # everything else (reshape, slice, gather, concat, matmul, ...) writes at most this much
+    return max(sum(sizes), math.prod(sizes)) * item * max(len(outs), 1)
+
+
+def _guard(limit: int, flog: FoldLog):
+    def exclude(node: gs.Node) -> bool:
+        if node.op in _RANDOM:
+            return True
+        try:
+            est = estimate_bytes(node)
+        except Exception:  # a malformed node: let graphsurgeon/ORT decide it cannot fold
+            return True
+        if est is None:
+            return True  # next round, once the values that set its size are constants
+        if est > limit:
+            name = next((o.name for o in node.outputs if o.name), node.name)
+            flog.too_large[name] = est
+            return True
+        return False
+
+    return exclude
+
+
+# -- the folding step ------------------------------------------------------------------------------
+def _silence_onnxruntime() -> None:
+    """The sessions graphsurgeon builds to fold log a failed evaluation at ERROR, in colour, on
+    stderr (G.quiet_onnxruntime keeps ERROR): a node that cannot fold just stays a node, and a
+    model that cannot run is reported by onnxrep in one line."""
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(4)
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        pass
+
+
+
+def fold_constants(graph: gs.Graph, options: FoldOptions | None = None) -> None:
+    """One round: canonicalize exporter spellings, fold shapes, then let ORT (via graphsurgeon)
+    evaluate every node whose inputs are constant and whose output is bounded by the fold limit."""
+    options = options or FoldOptions()
+    _silence_onnxruntime()
+    canonicalize(graph)
+    fold_shapes(graph)
+    G.tidy(graph)
+    G.read_folded_weights(graph)
+    guard = _guard(options.fold_limit, fold_log(graph))
+    _fold_subgraphs(graph, guard, options.fold_limit)
+    try:
+        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
+                             size_threshold=options.fold_limit, should_exclude_node=guard)
+    except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
+        log.debug("constant folding stopped: %s", e)
+    G.tidy(graph)
+
+
+def _fold_subgraphs(graph: gs.Graph, guard, limit: int, depth: int = 0) -> None:
+    """graphsurgeon's own recursion into If/Loop/Scan bodies drops should_exclude_node (0.6.1): a
+    ConstantOfShape of 3e9 floats in a branch ORT never takes would be materialized. Recurse here,
+    with the guard."""
+    if depth > 16:
+        return
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            _fold_subgraphs(sub, guard, limit, depth + 1)
+            try:
+                sub.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
+                                   error_ok=True, size_threshold=limit, should_exclude_node=guard,
+                                   recurse_functions=False)
+            except Exception as e:
+                log.debug("constant folding of subgraph %s stopped: %s", sub.name, e)
+
+
+def fold(graph: gs.Graph, work: onnx.ModelProto, infer, options: FoldOptions | None = None) -> None:
+    """Fold to a fixed point (at most MAX_ROUNDS): folding turns computed Pad amounts, Reshape
+    targets, ... into constants; inferring shapes again gives the tensors behind them static
+    shapes, which lets the next round fold the Shape ops that read them."""
+    for _ in range(MAX_ROUNDS):
+        before = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values()))
+        fold_constants(graph, options)
+        after = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values()))
+        if after == before:
+            break
+        skeleton = G.export_skeleton(graph, work).proto
+        del skeleton.graph.value_info[:]
+        G.update_shapes(graph, infer(skeleton))

@@ -1,0 +1,448 @@
+"""Constant folding (onnxrep/folding.py): differential against ONNX Runtime op by op, the size cap,
+overridable initializers, and the dynamo exporter's optimize=False spellings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxrep
+from onnxrep import folding as F
+from onnxrep import graph as G
+from onnxrep import optimizer as O
+from onnxrep import verify as V
+
+RNG = np.random.default_rng(0)
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _model(nodes, inputs, outputs, inits=None, opset=18, ir=8):
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fold_only(model: onnx.ModelProto, **options) -> onnx.ModelProto:
+    """The prepare step alone (shape inference + folding), exported as a model: no rule runs."""
+    work, graph = O.prepare(model, folding=F.FoldOptions(**options))
+    lean = G.export_skeleton(graph, work)
+    F.restore_overridable(graph, lean)
+    return lean.materialize()
+
+
+def ops(model) -> list[str]:
+    return sorted(n.op_type for n in model.graph.node)
+
+
+def assert_same_in_ort(a, b, feeds):
+    """Both models in ORT, graph optimizations off: bit-identical outputs (folding only moves work)."""
+    ra, rb = V.run(a, feeds), V.run(b, feeds)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        assert ra[k].dtype == rb[k].dtype and ra[k].shape == rb[k].shape, k
+        np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+
+
+def _x(shape, name="x"):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _probe():
+    return helper.make_tensor_value_info("z", TensorProto.INT64, [1])
+
+
+def shape_probe(build, x_shape=(2, 3, 5, 7)):
+    """x → [shape arithmetic built by `build`] → Add(·, z) → out, with z an int64 input: the Add
+    keeps the folded value away from the graph output, so the fold itself is what is compared."""
+    nodes, out = build()
+    nodes.append(helper.make_node("Add", [out, "z"], ["out"]))
+    return _model(nodes, [_x(list(x_shape)), _probe()],
+                  [helper.make_tensor_value_info("out", TensorProto.INT64, ["k"])])
+
+
+def _c(name, values):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64), name))
+
+
+SHAPE_CASES = {
+    f"Shape start={s} end={e}": (lambda s=s, e=e: ([helper.make_node("Shape", ["x"], ["s"], **{k: v for k, v in (("start", s), ("end", e)) if v is not None})], "s"))
+    for s, e in [(None, None), (1, 2), (1, None), (-2, None), (-3, -1), (2, 100), (-100, 1), (3, 1), (0, -4), (None, -1)]
+}
+SHAPE_CASES.update({
+    "Size": lambda: ([helper.make_node("Size", ["x"], ["s0"]), _c("one", [1]),
+                      helper.make_node("Reshape", ["s0", "one"], ["s"])], "s"),
+    "Gather scalar": lambda: ([helper.make_node("Shape", ["x"], ["sh"]), _c("i", -1),
+                               helper.make_node("Gather", ["sh", "i"], ["g"]), _c("one", [1]),
+                               helper.make_node("Reshape", ["g", "one"], ["s"])], "s"),
+    "Gather vector of Shape(start)": lambda: ([helper.make_node("Shape", ["x"], ["sh"], start=1), _c("i", [2, 0, -1]),
+                                               helper.make_node("Gather", ["sh", "i"], ["s"])], "s"),
+    **{f"Slice {a}:{b}:{c} of Shape(end=-1)": (lambda a=a, b=b, c=c: (
+        [helper.make_node("Shape", ["x"], ["sh"], end=-1), _c("a", [a]), _c("b", [b]), _c("ax", [0]), _c("st", [c]),
+         helper.make_node("Slice", ["sh", "a", "b", "ax", "st"], ["s"])], "s"))
+       for a, b, c in [(0, 2, 1), (-2, INT64_MAX, 1), (2, -INT64_MAX, -1), (-1, 0, -1), (5, -5, -2), (0, 3, 2)]},
+})
+
+
+@pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+def test_shape_folds_like_onnxruntime(case):
+    """Each shape op the folding step evaluates itself gives what ORT computes, and is gone."""
+    model = shape_probe(SHAPE_CASES[case])
+    folded = fold_only(model)
+    assert ops(folded) == ["Add"]
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 5, 7)).astype(np.float32),
+                                       "z": np.array([5], np.int64)})
+
+
+def test_dims_picked_from_a_dynamic_shape_fold():
+    """Gather/Slice pick static dims out of a shape whose batch is symbolic: folded, batch stays."""
+    def build():
+        return ([helper.make_node("Shape", ["x"], ["sh"]), _c("i", [1, 3]), helper.make_node("Gather", ["sh", "i"], ["g"]),
+                 _c("a", [2]), _c("b", [4]), helper.make_node("Slice", ["sh", "a", "b"], ["sl"]),
+                 helper.make_node("Concat", ["g", "sl"], ["s"], axis=0)], "s")
+
+    model = shape_probe(build, x_shape=("N", 3, 5, 7))
+    folded = fold_only(model)
+    assert ops(folded) == ["Add"]
+    for n in (1, 4):
+        assert_same_in_ort(model, folded, {"x": np.zeros((n, 3, 5, 7), np.float32), "z": np.array([0], np.int64)})
+
+
+def test_dynamic_dim_is_not_folded():
+    """Negative: Shape(x, start=0, end=1) of a symbolic batch stays a Shape."""
+    model = shape_probe(lambda: ([helper.make_node("Shape", ["x"], ["s"], start=0, end=1)], "s"), x_shape=("N", 3, 5, 7))
+    folded = fold_only(model)
+    assert "Shape" in ops(folded)
+    assert_same_in_ort(model, folded, {"x": np.zeros((3, 3, 5, 7), np.float32), "z": np.array([0], np.int64)})
+
+
+def test_shape_start_end_feeds_a_reshape_end_to_end():
+    """Issue 12 item 2: Reshape(scale, Concat(1, Shape(x, 1, 2), 1, 1)) * x — graphsurgeon folded the
+    Shape as the full shape (rank 4), the checker then failed; now it optimizes and verifies."""
+    nodes = [helper.make_node("Shape", ["x"], ["c"], start=1, end=2), _c("one", [1]), _c("ones", [1, 1]),
+             helper.make_node("Concat", ["one", "c", "ones"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["scale", "shape"], ["s4"]),
+             helper.make_node("Mul", ["x", "s4"], ["y"])]
+    model = _model(nodes, [_x([1, 3, 5, 7])], [_x([1, 3, 5, 7], "y")], {"scale": RNG.standard_normal(3).astype(np.float32)})
+    out, report = onnxrep.optimize(model, return_report=True)
+    assert report.verification["ok"]
+    onnx.checker.check_model(out, full_check=True)
+    assert "Shape" not in ops(out)
+    x = RNG.standard_normal((1, 3, 5, 7)).astype(np.float32)
+    np.testing.assert_allclose(V.run(out, {"x": x})["y"], V.run(model, {"x": x})["y"], rtol=1e-6)
+
+
+VALUE_CASES = {  # ops graphsurgeon hands to ORT under the size guard: small sizes fold
+    "ConstantOfShape": lambda: ([_c("n", [2, 3]), helper.make_node("ConstantOfShape", ["n"], ["v"], value=numpy_helper.from_array(np.array([2.5], np.float32)))], "v", (2, 3)),
+    "Expand": lambda: ([_c("n", [4, 3]), helper.make_node("Expand", ["c3", "n"], ["v"])], "v", (4, 3)),
+    "Tile": lambda: ([_c("r", [2, 2]), helper.make_node("Tile", ["c23", "r"], ["v"])], "v", (4, 6)),
+    "Range": lambda: ([helper.make_node("Range", ["f0", "f5", "fhalf"], ["v"])], "v", (10,)),
+    "CastLike": lambda: ([helper.make_node("CastLike", ["i3", "x"], ["v"])], "v", (3,)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_CASES))
+def test_value_ops_fold_like_onnxruntime(case):
+    nodes, out, shape = VALUE_CASES[case]()
+    nodes.append(helper.make_node("Add", [out, "w"], ["out"]))
+    inits = {"c3": np.arange(3, dtype=np.float32), "c23": np.arange(6, dtype=np.float32).reshape(2, 3),
+             "f0": np.array(0, np.float32), "f5": np.array(5, np.float32), "fhalf": np.array(0.5, np.float32),
+             "i3": np.array([1, -2, 7], np.int64)}
+    model = _model(nodes, [_x([3]), _x(list(shape), "w")], [_x(list(shape), "out")],
+                   {k: v for k, v in inits.items() if any(k in n.input for n in nodes)})
+    folded = fold_only(model)
+    assert ops(folded) == ["Add"]
+    assert_same_in_ort(model, folded, {"x": np.ones(3, np.float32), "w": RNG.standard_normal(shape).astype(np.float32)})
+
+
+def test_cast_like_of_an_int_to_half():
+    """CastLike(c, x) with fp16 x: the Cast it becomes rounds like ORT's CastLike."""
+    nodes = [helper.make_node("CastLike", ["c", "x"], ["v"]), helper.make_node("Add", ["v", "x"], ["out"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3])],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT16, [3])],
+                   # not 65519: ORT 1.32's CastLike kernel rounds it to inf, its Cast (and IEEE) to 65504
+                   {"c": np.array([0.1, 1000.3, -1e-8], np.float32)})
+    folded = fold_only(model)
+    assert ops(folded) == ["Add"]
+    assert_same_in_ort(model, folded, {"x": np.ones(3, np.float16)})
+
+
+def _split_model(split, positions, axis=1, shape=(1, 7, 4)):
+    nodes = [helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=axis)]
+    outs = []
+    for k, p in enumerate(positions):
+        nodes += [_c(f"p{k}", p), helper.make_node("SequenceAt", ["seq", f"p{k}"], [f"part{k}"]),
+                  helper.make_node("Relu", [f"part{k}"], [f"out{k}"])]
+        outs.append(_x(["a", "b", "c"], f"out{k}"))
+    return _model(nodes, [_x(list(shape))], outs, {"split": np.array(split, np.int64)})
+
+
+@pytest.mark.parametrize("split,positions", [([2, 5], [0, 1]), ([3, 3, 1], [-1, 0]), (3, [0, 1, 2]), (2, [-1])])
+def test_split_to_sequence_becomes_split(split, positions):
+    """SplitToSequence with constant splits read by SequenceAt at constant positions is a Split."""
+    model = _split_model(split, positions)
+    folded = fold_only(model)
+    assert "SplitToSequence" not in ops(folded) and "SequenceAt" not in ops(folded) and "Split" in ops(folded)
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((1, 7, 4)).astype(np.float32)})
+
+
+def test_split_to_sequence_with_a_repeated_position_stays():
+    """Negative: two readers of one position (or a non-constant split) are left alone."""
+    model = _split_model([2, 5], [1, 1])
+    assert "SplitToSequence" in ops(fold_only(model))
+
+
+def test_reshape_carrying_a_symbolic_dim_gets_a_constant_target():
+    """Reshape(x, Concat(Shape(x, 0, 1), [-1])) with allowzero=1 (the dynamo exporter's flatten) →
+    Reshape(x, [0, -1]); a dim taken from another position is left alone (negative)."""
+    def build(start, end):
+        nodes = [helper.make_node("Shape", ["x"], ["b"], start=start, end=end), _c("m1", [-1]),
+                 helper.make_node("Concat", ["b", "m1"], ["t"], axis=0),
+                 helper.make_node("Reshape", ["x", "t"], ["y"], allowzero=1)]
+        return _model(nodes, [_x(["N", "C", 2, 2])], [_x(["a", "b"], "y")])
+
+    model = build(0, 1)
+    folded = fold_only(model)
+    assert ops(folded) == ["Reshape"]
+    for n in (1, 3):
+        assert_same_in_ort(model, folded, {"x": RNG.standard_normal((n, 5, 2, 2)).astype(np.float32)})
+    assert "Shape" in ops(fold_only(build(1, 2)))  # C at position 0: not the same dim
+
+
+# -- size cap -------------------------------------------------------------------------------------
+def bomb_model(n=3_200_000_000):
+    """A few hundred bytes: If(max(x) > 1e30) then ReduceSum(ConstantOfShape([n])) else ReduceSum(x).
+    ORT never takes the then-branch on ordinary inputs; folding it would materialize n floats."""
+    big = helper.make_graph(
+        [_c("n", [n]), helper.make_node("ConstantOfShape", ["n"], ["zeros"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
+         helper.make_node("ReduceSum", ["zeros"], ["r"], keepdims=0)], "then", [],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, [])])
+    small = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["r2"], keepdims=0)], "else", [],
+                              [helper.make_tensor_value_info("r2", TensorProto.FLOAT, [])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+             helper.make_node("Greater", ["mx", "huge"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=big, else_branch=small)]
+    return _model(nodes, [_x([4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                  {"huge": np.array(1e30, np.float32)})
+
+
+def test_huge_constant_in_an_untaken_branch_is_not_materialized(tmp_path):
+    """Issue 12 item 4: optimize stays small in memory and says what it did not fold."""
+    path = tmp_path / "bomb.onnx"
+    onnx.save(bomb_model(), str(path))
+    assert path.stat().st_size < 1024
+    proc = subprocess.Popen([sys.executable, "-m", "onnxrep", "optimize", str(path), str(tmp_path / "out.onnx"),
+                             "--report", str(tmp_path / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err
+    assert usage.ru_maxrss < 1_500_000  # KiB: the interpreter, onnx, ORT and numpy take ~300-500 MB
+    assert "not folded" in out and "fold limit" in out
+
+
+def test_fold_limit_keeps_large_constants_unfolded():
+    """A 4 KiB ConstantOfShape folds by default and stays a node under a 1 KiB limit."""
+    nodes = [_c("n", [1024]), helper.make_node("ConstantOfShape", ["n"], ["v"], value=numpy_helper.from_array(np.array([1.5], np.float32))),
+             helper.make_node("Add", ["v", "x"], ["y"])]
+    model = _model(nodes, [_x([1024])], [_x([1024], "y")])
+    assert ops(fold_only(model)) == ["Add"]
+    capped = fold_only(model, fold_limit=1024)
+    assert ops(capped) == ["Add", "ConstantOfShape"]
+    x = RNG.standard_normal(1024).astype(np.float32)
+    assert_same_in_ort(model, capped, {"x": x})
+    _, report = onnxrep.optimize(model, fold_limit=1024, return_report=True)
+    assert any("fold limit" in n for n in report.notes)
+
+
+def test_estimate_bounds_value_dependent_sizes():
+    """The guard's estimate reads the values that set a size; it knows nothing before they are constants."""
+    import onnx_graphsurgeon as gs
+
+    shape = gs.Constant("n", np.array([1000, 1000], np.int64))
+    out = gs.Variable("v", dtype=np.float32)
+    node = gs.Node("ConstantOfShape", inputs=[shape], outputs=[out])
+    assert F.estimate_bytes(node) == 4_000_000
+    node2 = gs.Node("ConstantOfShape", inputs=[gs.Variable("m", dtype=np.int64, shape=[2])], outputs=[gs.Variable("w")])
+    assert F.estimate_bytes(node2) is None
+    tile = gs.Node("Tile", inputs=[gs.Constant("a", np.zeros((2, 3), np.float32)), gs.Constant("r", np.array([10, 10], np.int64))],
+                   outputs=[gs.Variable("t", dtype=np.float32)])
+    assert F.estimate_bytes(tile) == 2 * 3 * 100 * 4
+
+
+def test_random_ops_never_fold():
+    """Negative: RandomNormal has no inputs, so 'all inputs constant' holds; it must still run each time."""
+    nodes = [helper.make_node("RandomNormal", [], ["r"], shape=[4], dtype=TensorProto.FLOAT),
+             helper.make_node("Add", ["r", "x"], ["y"])]
+    model = _model(nodes, [_x([4])], [_x([4], "y")])
+    assert "RandomNormal" in ops(fold_only(model))
+
+
+# -- overridable initializers ---------------------------------------------------------------------
+def overridable_conv_bn(ir=8):
+    """Conv(x, W) → BN, where W is an initializer *and* a graph input (a default the caller may override)."""
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    c = 4
+    bn = {"s": RNG.uniform(0.5, 2, c), "b": RNG.standard_normal(c), "m": RNG.standard_normal(c), "v": RNG.uniform(0.5, 2, c)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
+    inputs = [_x([1, 3, 8, 8]), helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3, 3, 3])]
+    if ir < 4:  # every initializer is an input
+        inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, [c]) for k in bn]
+    return _model(nodes, inputs, [_x([1, 4, 8, 8], "y")], {"W": w, **{k: v.astype(np.float32) for k, v in bn.items()}}, ir=ir)
+
+
+def test_overridable_weight_is_not_folded_and_the_signature_stays():
+    """Issue 12 item 5: by default W stays an input with its default, the Conv+BN is not fused,
+    the decline names --freeze-inputs, and the optimized model honours an overriding W."""
+    model = overridable_conv_bn()
+    out, report = onnxrep.optimize(model, return_report=True)
+    assert [i.name for i in out.graph.input] == ["x", "W"]
+    assert "W" in {t.name for t in out.graph.initializer}
+    assert ops(out) == ["BatchNormalization", "Conv"]
+    assert any("--freeze-inputs" in d["reason"] for d in report.declines)
+    assert any("--freeze-inputs" in n for n in report.notes)
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    w2 = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    np.testing.assert_array_equal(V.run(out, {"x": x, "W": w2})["y"], V.run(model, {"x": x, "W": w2})["y"])
+    np.testing.assert_array_equal(V.run(out, {"x": x})["y"], V.run(model, {"x": x})["y"])
+
+
+def test_freeze_inputs_folds_them():
+    model = overridable_conv_bn()
+    out = onnxrep.optimize(model, freeze_inputs=True)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert ops(out) == ["Conv"]
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(V.run(out, {"x": x})["y"], V.run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_ir3_initializers_are_constants():
+    """Before IR 4 every initializer had to be listed as an input: there they are constants."""
+    model = overridable_conv_bn(ir=3)
+    assert ops(onnxrep.optimize(model)) == ["Conv"]
+
+
+def test_freeze_inputs_cli(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(overridable_conv_bn(), str(path))
+    for flags, inputs in (([], ["x", "W"]), (["--freeze-inputs"], ["x"])):
+        out = tmp_path / f"out{len(flags)}.onnx"
+        proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(out), *flags, "--explain"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert [i.name for i in onnx.load(str(out)).graph.input] == inputs
+        assert ("--freeze-inputs" in proc.stdout) == (not flags)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1X"])
+def test_fold_limit_flag_usage_error(tmp_path, value):
+    path = tmp_path / "m.onnx"
+    onnx.save(overridable_conv_bn(), str(path))
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(tmp_path / "o.onnx"), "--fold-limit", value],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- the dynamo exporter with optimize=False ------------------------------------------------------
+def test_bias_free_conv_spelled_by_dynamo_noopt_merges():
+    """Conv(x, W, Expand(CastLike(0, x), Shape(W, 0, 1))) → BN folds into one Conv."""
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    c = 4
+    nodes = [helper.make_node("CastLike", ["zero", "x"], ["z"]), helper.make_node("Shape", ["W"], ["cout"], start=0, end=1),
+             helper.make_node("Expand", ["z", "cout"], ["bias"]),
+             helper.make_node("Conv", ["x", "W", "bias"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    inits = {"W": w, "zero": np.array(0.0, np.float32), "s": np.full(c, 2, np.float32), "b": np.ones(c, np.float32),
+             "m": np.zeros(c, np.float32), "v": np.ones(c, np.float32)}
+    model = _model(nodes, [_x([1, 3, 8, 8])], [_x([1, 4, 8, 8], "y")], inits)
+    out, report = onnxrep.optimize(model, return_report=True)
+    assert ops(out) == ["Conv"] and report.verification["ok"]
+
+
+def test_batchnorm_without_affine_from_dynamo_noopt(tmp_path):
+    """Issue 12 item 2: BatchNorm2d(affine=False) exported by dynamo with optimize=False spells its
+    scale and shift as Expand(CastLike(1, x), Shape(x, 1, 2)); the Shape used to fold as the full
+    shape (rank 4) and optimize exited 1. Now conv + BN fold into one Conv."""
+    torch = pytest.importorskip("torch")
+    from models.export import export_onnx
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4, affine=False)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+        m[1].running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(1))
+    path = export_onnx(m, (1, 3, 8, 8), tmp_path / "bn.onnx", "dynamo-noopt")
+    assert {"CastLike", "Shape"} <= {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(tmp_path / "out.onnx"), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert ops(out) == ["Conv"]
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(V.run(out, {"input": x})["output"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dbb_dynamic_batch_pinned_with_input_shape(tmp_path):
+    """Issue 12 item 2: a dynamic-batch DBB (dynamo exporter) pinned with --input-shape exited 4
+    with ORT's coloured log on stderr; now it becomes one Conv, silently."""
+    pytest.importorskip("torch")
+    import models
+    from models.export import export_onnx
+
+    entry = models.ZOO["dbb_slice"]
+    path = export_onnx(entry.build(), entry.input_shape, tmp_path / "dbb.onnx", "dynamo", axes="batch")
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(out), "-q",
+                           "--input-shape", "input:1,8,16,16"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert ops(onnx.load(str(out))) == ["Conv"]
+
+
+@pytest.mark.parametrize("start,end,step,removed", [(0, INT64_MAX, 1, True), (0, 2**31 - 1, 1, True), (0, 3, 1, True),
+                                                    (1, INT64_MAX, 1, False), (0, 2, 1, False), (0, INT64_MAX, 2, False)])
+def test_whole_slice_is_its_input(start, end, step, removed):
+    """Slice(x, 0, INT_MAX) on a symbolic axis (an exporter's `x[:, ...]`) reads all of x: its
+    readers read x. A slice that drops anything stays (negative cases)."""
+    nodes = [_c("a", [start]), _c("b", [end]), _c("ax", [1]), _c("st", [step]),
+             helper.make_node("Slice", ["x", "a", "b", "ax", "st"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    model = _model(nodes, [_x(["N", 3, 4])], [_x(["N", "C", 4], "y")])
+    folded = fold_only(model)
+    assert ("Slice" not in ops(folded)) == removed
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
+
+
+def test_overridable_weight_with_external_data_keeps_its_payload(tmp_path):
+    """A kept initializer of 9 KiB in external data (a payload stub inside onnxrep) is written back
+    with its bytes: the output runs with its default and with an overriding value, like the input."""
+    import onnxruntime as ort
+
+    w = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [_x([1, 16, 8, 8]), helper.make_tensor_value_info("W", TensorProto.FLOAT, [16, 16, 3, 3])],
+                              [_x([1, 16, 8, 8], "y")], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    report = onnxrep.optimize_file(src, dst)
+    assert report.verification["ok"]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    a, b = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in (src, dst))
+    assert [i.name for i in onnx.load(str(dst), load_external_data=False).graph.input] == ["x", "W"]
+    assert [i.name for i in b.get_overridable_initializers()] == ["W"]
+    x = RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    w2 = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    for feeds in ({"x": x}, {"x": x, "W": w2}):
+        np.testing.assert_array_equal(a.run(None, feeds)[0], b.run(None, feeds)[0])
