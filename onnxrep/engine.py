@@ -115,10 +115,10 @@ def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) 
 def cycle_collection_paused():
     """Python's automatic cycle collection off for the block (as it was after it). Left on, a
     full collection walks every object of the graph, and a sweep of rewrites allocates enough to
-    trigger several: on a 50k-node graph the engine took 32 s with it, 17 s without, and its
-    share grows with the graph (the walk leaves the CPU caches). What the engine leaves in cycles is
-    graphsurgeon's small node and tensor objects; the weights, the only large things, are freed
-    explicitly after each rewrite (weights.Releaser). (Pausing it over the whole pipeline was
+    trigger several: on a 50k-node graph the engine took 10.4 s and 17.2 s with it, 7.8 s and 14.0 s
+    without (two interleaved rounds on a noisy machine), for 4 % more peak RSS. What the engine
+    leaves in cycles is graphsurgeon's small node and tensor objects; the weights, the only large
+    things, are freed explicitly after each rewrite (weights.Releaser). (Pausing it over the whole pipeline was
     measured too: on 50k nodes it raised peak RSS by a third for a gain lost in the noise.)"""
     collecting = gc.isenabled()
     gc.disable()

@@ -13,8 +13,9 @@ Who calls what:
                 are read-only; a rule never frees, restores or swaps a tensor's storage itself.
     engine      Releaser: watch() the nodes a rewrite touches, release() after it, and a
                 begin_sweep()/end_sweep() net for anything a rewrite left outside its match.
-    optimizer   attach_payloads, read_folded_weights, preload, release_loaded, stubbed (export),
-                fill_payloads.
+    optimizer   attach_payloads, read_folded_weights, preload, release_loaded, fill_payloads
+                (through their re-exports in onnxrep.graph); graph.export_skeleton uses stubbed
+                and lean_model.
 
 Everything that knows about graphsurgeon's private `_values` and onnxrep's own per-tensor state
 lives in this module; that state is one `_Held` record per Constant (its array, and the lazy
