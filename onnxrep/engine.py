@@ -21,9 +21,7 @@ freed later: by the sweep cap, or at the end of the sweep).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -107,26 +105,8 @@ def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) 
     fired); each rewrite then costs the engine work proportional to what it touched, never a pass
     over the graph, so a sweep is O(nodes + size of the rewrites)."""
     ctx.rules = tuple(r.name for r in rules)
-    with cycle_collection_paused():
+    with G.cycle_collection_paused():
         return _run(graph, rules, ctx, max_sweeps)
-
-
-@contextlib.contextmanager
-def cycle_collection_paused():
-    """Python's automatic cycle collection off for the block (as it was after it). Left on, a
-    full collection walks every object of the graph, and a sweep of rewrites allocates enough to
-    trigger several: on a 50k-node graph the engine took 10.4 s and 17.2 s with it, 7.8 s and 14.0 s
-    without (two interleaved rounds on a noisy machine), for 4 % more peak RSS. What the engine
-    leaves in cycles is graphsurgeon's small node and tensor objects; the weights, the only large
-    things, are freed explicitly after each rewrite (weights.Releaser). (Pausing it over the whole pipeline was
-    measured too: on 50k nodes it raised peak RSS by a third for a gain lost in the noise.)"""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> Context:

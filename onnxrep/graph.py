@@ -7,6 +7,8 @@ reads one (read-only) and `new_weight`/`new_constant` make one.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import numpy as np
@@ -26,6 +28,29 @@ log = logging.getLogger("onnxrep")
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
+@contextlib.contextmanager
+def cycle_collection_paused():
+    """Python's automatic cycle collection off for the block (as it was after it), for the passes
+    that allocate per node. Left on, a full collection walks every object of the graph, and these
+    passes allocate enough to trigger several, each dearer per node the larger the graph (the
+    walk leaves the CPU caches). Measured on 50k nodes (same at 5k):
+      import_graph, export_graph  their new objects all stay alive, so pausing costs no memory:
+                                  import 2.4 s instead of 3.3 s, export 2.4 s instead of 2.7 s
+      engine.run                  10.4 s and 17.2 s with it, 7.8 s and 14.0 s without (two
+                                  interleaved rounds), 4 % more peak RSS: what a rewrite leaves
+                                  in cycles is graphsurgeon's small node and tensor objects, the
+                                  weights it drops are freed explicitly (weights.Releaser)
+    Pausing it over the whole pipeline, constant folding's graph copies included, raised peak RSS
+    by a third (796 → 1070 MB) for a gain lost in the noise, so it is not done."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def quiet_onnxruntime() -> None:
     """ORT's own warnings (printed by sessions that graphsurgeon builds to fold constants) are noise
     to onnxrep's users."""
@@ -39,7 +64,8 @@ def quiet_onnxruntime() -> None:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     try:
-        return gs.import_onnx(model)
+        with cycle_collection_paused():
+            return gs.import_onnx(model)
     except Exception as e:  # graphsurgeon raises bare Exceptions for malformed graphs
         raise InputError(f"cannot read graph: {str(e).strip().splitlines()[0][:300]}") from e
 
@@ -57,7 +83,8 @@ def export_skeleton(graph: gs.Graph, template: onnx.ModelProto, provenance: dict
 
 def export_graph(graph: gs.Graph, template: onnx.ModelProto, provenance: dict[str, str] | None = None) -> onnx.ModelProto:
     """Export `graph` as a model that keeps the template's opsets, IR version and metadata."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    with cycle_collection_paused():
+        model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)

@@ -276,10 +276,11 @@ def test_replaced_weights_are_freed_by_the_rewrite_not_the_sweep(monkeypatch):
 
 
 def test_cycle_collection_state_is_restored(monkeypatch):
-    """run() pauses the cycle collector and restores it, also when a rule fails."""
+    """run() (and graph import/export) pause the cycle collector and restore it, also when a rule
+    fails."""
     import gc
 
-    g = _graph(_model())
+    g = _graph(_model())  # import_graph pauses it too
     assert gc.isenabled()
     with pytest.raises(E.EngineError):
         E.run(g, [ClaimsButDoesNothing()], E.Context(g))
