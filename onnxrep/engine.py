@@ -7,9 +7,17 @@ A rule is a small class with three parts (after onnxscript's rewriter):
     rewrite(match, ctx)  -> a Rewrite record; the graph is changed in place
 
 The engine visits nodes of the rule's anchor op types, sweeps all rules in order, cleans up and
-re-sorts the graph after every sweep that changed it, and stops when a sweep changes nothing or
-after `max_sweeps` (a rule that keeps firing is a bug, reported as such). A rewrite that claims
-success but leaves the graph's signature unchanged is caught too.
+re-sorts the graph after every rule sweep that changed it, and stops when a sweep changes nothing
+or after `max_sweeps` (a rule that keeps firing is a bug, reported as such). A rewrite that claims
+success but changes nothing (its match's nodes and tensors as they were, no node added, and the
+rule still matching there) is caught too. After each rewrite the weights it stopped using are
+freed (onnxrep.weights.Releaser). The engine's own work per rewrite is proportional to the
+rewrite, so a sweep costs O(nodes + rewrites) whatever the graph's size.
+
+A rewrite must change only the nodes its match holds (a node, or nodes in a tuple, list, dict or
+dataclass) and nodes it appends to graph.nodes: that is what the no-op check and the early
+release of weights look at (what a rewrite changes elsewhere is still correct, only caught and
+freed later: by the sweep cap, or at the end of the sweep).
 
 While rules run, the graph's runtime-fusable patterns (onnxrep.patterns: GELU, LayerNorm, SiLU,
 ...) are indexed, once per sweep and again after a rule changed the graph; linear.affine_of and
@@ -17,16 +25,18 @@ remove_identities decline their members, so no rule takes a piece of what a runt
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import graph as G
 from . import patterns as P
+from . import weights as W
 from .errors import OnnxrepError, UsageError
 
 log = logging.getLogger("onnxrep")
@@ -94,38 +104,27 @@ class EngineError(OnnxrepError):
     """A rule misbehaved (non-termination or a no-op rewrite): a bug in onnxrep."""
 
 
-def _signature(graph: gs.Graph) -> tuple:
-    live = [n for n in graph.nodes if n.outputs]
-    params = sum(math.prod(t.shape) for t in _constants(live))
-    return (len(live), tuple(sorted(G.histogram_of(live).items())), params,
-            tuple(sorted((n.name for n in live))))
-
-
-def _constants(nodes):
-    seen = {}
-    for n in nodes:
-        for t in n.inputs:
-            if isinstance(t, gs.Constant):
-                seen[id(t)] = t
-    return seen.values()
-
-
 def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) -> Context:
+    """Sweep `rules` over `graph` in order until a sweep changes nothing.
+
+    Cost: each sweep visits every node once per rule (plus one cleanup and toposort per rule that
+    fired); each rewrite then costs the engine work proportional to what it touched, never a pass
+    over the graph, so a sweep is O(nodes + size of the rewrites)."""
     ctx.rules = tuple(r.name for r in rules)
     ctx.patterns = P.Index(graph)
     try:
-        with G.tracking(graph), P.protecting(ctx.patterns):
+        with G.cycle_collection_paused(), P.protecting(ctx.patterns):
             return _run(graph, rules, ctx, max_sweeps)
     finally:
         ctx.patterns = None  # it holds the graph: Rewritten.release must be able to drop it
 
 
 def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> Context:
+    releaser = W.Releaser(graph)
     for sweep in range(max_sweeps):
         changed = False
         for rule in rules:
-            fired = _sweep_rule(graph, rule, ctx)
-            if fired:
+            if _sweep_rule(graph, rule, ctx, releaser):
                 changed = True
                 G.tidy(graph)
                 ctx.patterns.invalidate()
@@ -135,11 +134,12 @@ def _run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int) -> C
                       f"(last counts: {dict(ctx.counts)})")
 
 
-def _sweep_rule(graph: gs.Graph, rule: Rule, ctx: Context) -> int:
+def _sweep_rule(graph: gs.Graph, rule: Rule, ctx: Context, releaser: W.Releaser) -> int:
     fired = 0
     candidates = [n for n in graph.nodes if not rule.anchors or n.op in rule.anchors]
     if rule.outputs_first:
         candidates.reverse()
+    releaser.begin_sweep(graph.nodes)
     for node in candidates:
         if not node.outputs:  # removed by an earlier rewrite in this sweep
             continue
@@ -150,20 +150,83 @@ def _sweep_rule(graph: gs.Graph, rule: Rule, ctx: Context) -> int:
         if reason:
             ctx.decline(rule.name, node, reason)
             continue
-        before = _signature(graph)
+        nodes, tensors = _parts(node, m)
+        before = _state(nodes, tensors)
+        watched = releaser.watch(nodes)
+        count = len(graph.nodes)
         rw = rule.rewrite(m, ctx)
         if rw is None:
             continue
-        if _signature(graph) == before:
+        added = graph.nodes[count:]
+        if not added and _state(nodes, tensors) == before and _matches_again(rule, node, ctx):
             raise EngineError(f"rule {rule.name} reported a rewrite at {node.name} but changed nothing")
-        G.release_dead(graph)  # weights the rewrite replaced: free them now, not at the next gc
+        releaser.release(watched, added)  # weights the rewrite replaced: free them now, not at the next gc
         rw.rule = rule.name
         for name in rw.created:
             ctx.provenance[name] = rule.name
         ctx.rewrites.append(rw)
         log.debug("%s: %s -> %s %s", rule.name, rw.replaced, rw.created, rw.detail)
         fired += 1
+    releaser.end_sweep()
     return fired
+
+
+# -- the no-op check: what a rewrite may have changed, before and after ---------------------------
+# A rewrite changes the nodes of its match (detaches, rewires or re-attributes them) and appends the
+# nodes it makes; so the engine compares the state of the anchor and of every node and tensor the
+# match holds, before and after, and counts the nodes appended. That costs the size of the match.
+# Only when none of it changed and the rule still matches the same anchor (so it would fire there
+# forever) is the rewrite a no-op: a rule that changes something outside its match is not
+# reported wrongly, and a no-op the check misses still ends at the sweep cap.
+
+def _parts(anchor: gs.Node, match: Any, depth: int = 4) -> tuple[list[gs.Node], list[gs.Tensor]]:
+    """The anchor and the nodes and tensors held by `match` (in tuples, lists, sets, dicts and
+    dataclasses, `depth` levels deep)."""
+    nodes: dict[int, gs.Node] = {id(anchor): anchor}
+    tensors: dict[int, gs.Tensor] = {}
+    seen: set[int] = set()
+    stack = [(match, 0)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, gs.Node):
+            nodes[id(x)] = x
+        elif isinstance(x, gs.Tensor):
+            tensors[id(x)] = x
+        elif d < depth and id(x) not in seen:
+            seen.add(id(x))
+            if isinstance(x, (list, tuple, set, frozenset)):
+                items = x
+            elif isinstance(x, dict):
+                items = x.values()
+            elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+                items = [getattr(x, f.name, None) for f in dataclasses.fields(x)]
+            else:
+                continue
+            stack.extend((i, d + 1) for i in items)
+    return list(nodes.values()), list(tensors.values())
+
+
+def _state(nodes: list[gs.Node], tensors: list[gs.Tensor]) -> tuple:
+    """What a rewrite can change about these nodes and tensors (not a weight's storage, which
+    reading it changes)."""
+    return (tuple((n.name, n.op, n.domain, tuple(map(id, n.inputs)), tuple(map(id, n.outputs)),
+                   _frozen(n.attrs)) for n in nodes),
+            tuple((t.name, tuple(map(id, t.inputs)), tuple(map(id, t.outputs)), _frozen(t.shape),
+                   _frozen(t.dtype)) for t in tensors))
+
+
+def _frozen(v):
+    if isinstance(v, dict):
+        return tuple((k, _frozen(x)) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, (int, float, str, bytes, bool, type(None), np.generic)):
+        return v
+    return id(v)  # arrays, tensors, subgraphs, dtypes: by identity
+
+
+def _matches_again(rule: Rule, node: gs.Node, ctx: Context) -> bool:
+    return bool(node.outputs) and (m := rule.match(node, ctx)) is not None and not rule.check(m, ctx)
 
 
 # -- registry ------------------------------------------------------------------------------------

@@ -5,9 +5,8 @@ import math
 from collections import Counter
 
 import onnx
-from onnx import numpy_helper
 
-from .lean import expected_bytes, without_payload
+from .lean import without_payload
 
 
 def op_histogram(model: onnx.ModelProto) -> Counter:
@@ -26,15 +25,6 @@ def parameter_count(model: onnx.ModelProto) -> int:
             for a in n.attribute:
                 if a.name == "value" and a.t.data_type in floats:
                     total += math.prod(a.t.dims)
-    return total
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, from their dims (reading raw_data would copy every weight)."""
-    total = 0
-    for t in model.graph.initializer:
-        n = expected_bytes(t)
-        total += n if n is not None else numpy_helper.to_array(t).nbytes
     return total
 
 

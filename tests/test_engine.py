@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 import onnxrep
 from onnxrep import engine as E
 from onnxrep import graph as G
 from onnxrep.errors import UsageError
-from tests.helpers import GraphBuilder
+from tests.helpers import GraphBuilder, assert_equivalent, ops, run_rules
 
 
 def _model():
@@ -137,3 +138,187 @@ def test_context_knows_the_sweep_order():
     ctx = E.run(g, E.select_rules(skip=["merge_linear_regions"]), E.Context(g))
     assert not ctx.runs_after("fuse_conv_bn", "merge_linear_regions")
     assert not E.Context(g).runs_after("fuse_conv_bn", "merge_linear_regions")
+
+
+# -- the linear-time bookkeeping (issue 12 item 7) --------------------------------------------------
+def _chain(units: int, seed: int = 0):
+    """`units` RepVGG-ish blocks (3×3+BN, 1×1+BN, BN identity, Add, Add, Relu), each with an
+    Identity and a Conv→BN→Relu behind it; 16 channels so the 3×3 weights are over PAYLOAD_MIN."""
+    b = GraphBuilder(seed)
+    x = b.input((1, 16, 4, 4))
+    for _ in range(units):
+        y = b.add(b.add(b.bn(b.conv(x, 16, 16, 3), 16), b.bn(b.conv(x, 16, 16, 1), 16)), b.bn(x, 16))
+        x = b.relu(b.bn(b.conv(b.op("Identity", [b.relu(y)]), 16, 16, 3), 16))
+    return b.build(x)
+
+
+def test_fixed_point_matches_the_full_pipeline_and_a_second_run_changes_nothing():
+    """Every block collapses (3 Conv + 4 BN + 2 Add + Identity → 2 Conv), outputs equal in ORT
+    with its optimizations off, and running the rules again on the result fires nothing."""
+    model = _chain(6)
+    out, report = run_rules(model, *[r.name for r in E.select_rules()])
+    assert ops(out) == {"Conv": 12, "Relu": 12}
+    assert_equivalent(model, out)
+    g = _graph(out)
+    ctx = E.run(g, E.select_rules(), E.Context(g))
+    assert ctx.rewrites == []
+
+
+class ChangesOutsideItsMatch(E.Rule):
+    """Its match is an opaque string; the rewrite marks the Conv feeding the Relu (a node the
+    match does not hold), after which the Relu no longer matches."""
+
+    name = "changes_outside_its_match"
+    anchors = ("Relu",)
+
+    def match(self, node, ctx):
+        up = G.producer(node.inputs[0])
+        return None if up is None or "marked" in up.attrs else "opaque"
+
+    def rewrite(self, match, ctx):
+        relu = next(n for n in ctx.graph.nodes if n.op == "Relu")
+        G.producer(relu.inputs[0]).attrs["marked"] = 1
+        return E.Rewrite("", [], [])
+
+
+def test_a_change_outside_the_match_is_not_called_a_no_op():
+    """The no-op check looks at the match's nodes; when they are unchanged it asks the rule to
+    match again, and a rule that no longer matches did change something."""
+    model = _model()
+    g = _graph(model)
+    ctx = E.run(g, [ChangesOutsideItsMatch()], E.Context(g))
+    assert len(ctx.rewrites) == 1
+    assert len(model.graph.node) == len(g.nodes)
+
+
+class ClaimsWithTensorMatch(E.Rule):
+    """Matches (node, its output tensor) and changes neither."""
+
+    name = "claims_with_tensor_match"
+    anchors = ("Conv",)
+
+    def match(self, node, ctx):
+        return {"node": node, "out": [node.outputs[0]]}
+
+    def rewrite(self, match, ctx):
+        return E.Rewrite("", [match["node"].name], [])
+
+
+def test_no_op_is_caught_whatever_the_match_holds():
+    """Nodes and tensors are found in dicts and lists of the match too."""
+    g = _graph(_model())
+    with pytest.raises(E.EngineError, match="changed nothing"):
+        E.run(g, [ClaimsWithTensorMatch()], E.Context(g))
+
+
+class _CountingList(list):
+    """graph.nodes that counts the walks over it."""
+
+    walks = 0
+
+    def __iter__(self):
+        _CountingList.walks += 1
+        return super().__iter__()
+
+
+def test_engine_work_per_rewrite_does_not_grow_with_the_graph(monkeypatch):
+    """No whole-graph pass per rewrite: the walks over graph.nodes and the tensor maps are as many
+    for 4 blocks as for 16, while the rewrites grow 4×."""
+    calls = {"tensors": 0}
+    tensors, tidy = gs.Graph.tensors, G.tidy
+
+    def count_tensors(self, *a, **k):
+        calls["tensors"] += 1
+        return tensors(self, *a, **k)
+
+    def tidy_and_count(graph):
+        tidy(graph)
+        graph.nodes = _CountingList(graph.nodes)
+
+    monkeypatch.setattr(gs.Graph, "tensors", count_tensors)
+    monkeypatch.setattr(G, "tidy", tidy_and_count)
+    seen = []
+    for units in (4, 16):
+        g = _graph(_chain(units))
+        g.nodes = _CountingList(g.nodes)
+        calls["tensors"] = _CountingList.walks = 0
+        ctx = E.run(g, E.select_rules(), E.Context(g))
+        seen.append((len(ctx.rewrites), calls["tensors"], _CountingList.walks))
+    (small, *small_passes), (big, *big_passes) = seen
+    assert big == 4 * small > 0
+    assert big_passes == small_passes
+
+
+def test_replaced_weights_are_freed_by_the_rewrite_not_the_sweep(monkeypatch):
+    """Each weight a rewrite stops using goes back to its lazy tensor right after the rewrite;
+    nothing is left for the end-of-sweep net (Releaser.late stays 0)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnxrep import weights as W
+
+    releasers = []
+    init = W.Releaser.__init__
+
+    def keep(self, graph):
+        init(self, graph)
+        releasers.append(self)
+
+    monkeypatch.setattr(W.Releaser, "__init__", keep)
+    g = _graph(_chain(3))
+    kernels = [t for n in g.nodes if n.op == "Conv" for t in n.inputs[1:2]]
+    assert all(isinstance(t._values, LazyValues) for t in kernels)
+    E.run(g, E.select_rules(), E.Context(g))
+    assert [r.late for r in releasers] == [0]
+    live = {id(t) for n in g.nodes for t in n.inputs}
+    replaced = [t for t in kernels if id(t) not in live]
+    assert len(replaced) == len(kernels)  # every input kernel was merged away ...
+    assert all(isinstance(t._values, LazyValues) for t in replaced)  # ... and none is held
+
+
+def test_cycle_collection_state_is_restored(monkeypatch):
+    """run() (and graph import/export) pause the cycle collector and restore it, also when a rule
+    fails."""
+    import gc
+
+    g = _graph(_model())  # import_graph pauses it too
+    assert gc.isenabled()
+    with pytest.raises(E.EngineError):
+        E.run(g, [ClaimsButDoesNothing()], E.Context(g))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        E.run(g, [AlwaysDeclines()], E.Context(g))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tidy_gives_graphsurgeons_order(seed):
+    """graph.tidy drops unused nodes and sorts like graphsurgeon's cleanup + toposort, from any
+    node order: diamonds, fan-out, a dead branch, two outputs."""
+    import random
+
+    b = GraphBuilder(seed)
+    x = b.input((1, 4, 6, 6))
+    y1, y2 = b.conv(x, 4, 4), b.conv(x, 4, 4, 1)
+    s = b.add(y1, y2)
+    b.relu(y1)  # dead: no output depends on it
+    z = b.relu(b.add(s, b.bn(x, 4)))
+    model = b.build(z, b.conv(s, 4, 4))
+    ours, theirs = _graph(model), _graph(model)
+    for g in (ours, theirs):
+        random.Random(seed).shuffle(g.nodes)
+    G.tidy(ours)
+    theirs.cleanup(remove_unused_graph_inputs=False)
+    theirs.toposort()
+    assert [n.name for n in ours.nodes] == [n.name for n in theirs.nodes]
+    assert len(ours.nodes) == len(model.graph.node) - 1
+
+
+def test_unique_names_from_one_hint():
+    """Names made from one hint are hint, hint_1, hint_2, ..., skipping names already taken."""
+    g = _graph(_model())
+    taken = g.nodes[0].name
+    names = [G.unique_node_name(g, taken) for _ in range(3)] + [G.unique_node_name(g, "fresh") for _ in range(3)]
+    assert names == [f"{taken}_1", f"{taken}_2", f"{taken}_3", "fresh", "fresh_1", "fresh_2"]
