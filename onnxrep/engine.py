@@ -38,16 +38,9 @@ from . import graph as G
 from . import patterns as P
 from . import weights as W
 from .errors import OnnxrepError, UsageError
+from .rewrite import Rewrite  # noqa: F401  (rules import it from here)
 
 log = logging.getLogger("onnxrep")
-
-
-@dataclass
-class Rewrite:
-    rule: str
-    replaced: list[str]
-    created: list[str]
-    detail: str = ""
 
 
 @dataclass

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from . import folding as F
 from . import graph as G
 from . import kernels as K
+from .rewrite import Rewrite
 from . import patterns as P
 
 
@@ -398,7 +399,6 @@ def replace_with_conv(graph: gs.Graph, spec: K.ConvSpec, x: gs.Tensor, out: gs.T
                       removed: list[gs.Node], dtype, detail: str = ""):
     """Detach `removed` (a region ending in `out`) and compute `out` from `x` with one conv named
     after the region's last node. Returns the engine's Rewrite record."""
-    from .engine import Rewrite
 
     names = [n.name for n in removed]
     main = next((n for n in removed if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")), None)

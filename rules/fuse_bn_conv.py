@@ -11,10 +11,23 @@ BatchNorm1d + Linear head and of BN-before-conv blocks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
 from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
 from onnxrep.engine import Rule
+
+
+@dataclass
+class AffineBeforeConv:
+    conv: gs.Node  # the Conv/Gemm/MatMul
+    affine: gs.Node  # the BN or per-channel op feeding it
+    between: gs.Tensor  # the affine's output, the conv's input
+    spec: K.ConvSpec | None = None  # the folded conv, set by check
+    source: gs.Tensor | None = None  # the affine's input, which the folded conv reads
 
 
 class FuseBnConv(Rule):
@@ -29,10 +42,10 @@ class FuseBnConv(Rule):
             return None
         if up.op != "BatchNormalization" and not any(G.const(i) is not None for i in up.inputs):
             return None
-        return node, up, t
+        return AffineBeforeConv(node, up, t)
 
-    def check(self, match, ctx):
-        node, up, t = match
+    def check(self, match: AffineBeforeConv, ctx):
+        node, up, t = match.conv, match.affine, match.between
         aff = L.affine_of(up)
         if not aff:
             return aff.reason
@@ -50,16 +63,13 @@ class FuseBnConv(Rule):
             return "affine channel count does not match the conv input"
         a, c = aff.broadcast(lin.spec.cin)
         try:
-            K.affine_before(lin.spec, a, c)
+            match.spec = K.affine_before(lin.spec, a, c)
         except K.NotMergeable as e:
             return str(e)
+        match.source = aff.x
         return None
 
-    def rewrite(self, match, ctx):
-        node, up, t = match
-        aff = L.affine_of(up)
-        lin = L.conv_of(node)
-        a, c = aff.broadcast(lin.spec.cin)
-        spec = K.affine_before(lin.spec, a, c)
+    def rewrite(self, match: AffineBeforeConv, ctx):
+        node, up = match.conv, match.affine
         dtype = L.data_dtype(node.inputs[1])
-        return L.replace_with_conv(ctx.graph, spec, aff.x, node.outputs[0], [up, node], dtype, up.op)
+        return L.replace_with_conv(ctx.graph, match.spec, match.source, node.outputs[0], [up, node], dtype, up.op)

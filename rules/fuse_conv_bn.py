@@ -17,6 +17,8 @@ folded from the original weights in one float64 pass instead of two.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_graphsurgeon as gs
 
 from onnxrep import folding as F
@@ -28,6 +30,14 @@ from onnxrep.engine import Rewrite, Rule
 from .merge_linear_regions import MergeLinearRegions, takes_branch
 
 LINEAR_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class ConvThenAffine:
+    affine_node: gs.Node  # the BN or per-channel op
+    conv: gs.Node  # the Conv/ConvTranspose/Gemm/MatMul feeding it
+    between: gs.Tensor  # the conv's output, the affine's data operand
+    affine: "L.Affine | None" = None  # what the affine computes, set by check
 
 
 class FuseConvBn(Rule):
@@ -43,11 +53,11 @@ class FuseConvBn(Rule):
                     return None
                 if ctx.runs_after(self.name, MergeLinearRegions.name) and takes_branch(ctx.graph, up, node):
                     return None  # a branch of a block merge_linear_regions folds whole, later in this sweep
-                return node, up, t
+                return ConvThenAffine(node, up, t)
         return None
 
-    def check(self, match, ctx):
-        node, up, t = match
+    def check(self, match: ConvThenAffine, ctx):
+        node, up, t = match.affine_node, match.conv, match.between
         aff = L.affine_of(node)
         if not aff:
             return aff.reason
@@ -73,11 +83,11 @@ class FuseConvBn(Rule):
             cout = lin.spec.cout
         if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
             return f"affine has {max(aff.scale.size, aff.shift.size)} channels, {up.op} makes {cout}"
+        match.affine = aff
         return None
 
-    def rewrite(self, match, ctx):
-        node, up, t = match
-        aff = L.affine_of(node)
+    def rewrite(self, match: ConvThenAffine, ctx):
+        node, up, aff = match.affine_node, match.conv, match.affine
         dtype = L.data_dtype(up.inputs[1])
         if up.op in KEEPS_GEOMETRY:
             return _rescale_in_place(ctx, node, up, aff, dtype)

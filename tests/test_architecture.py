@@ -87,6 +87,12 @@ def test_engine_knows_rules_only_through_the_registry():
     assert not rule_modules, rule_modules
 
 
+def test_graph_helpers_do_not_import_the_engine():
+    """linear/graph/weights/patterns/kernels are what rules build with; the engine drives rules."""
+    assert not _offenders(["onnxrep.linear", "onnxrep.graph", "onnxrep.weights", "onnxrep.patterns",
+                           "onnxrep.kernels", "onnxrep.rewrite"], ["onnxrep.engine", "onnxrep.rules"])
+
+
 def test_bench_does_not_depend_on_the_rules():
     assert not _offenders(["onnxrep.bench", "onnxrep.bench_worker", "onnxrep.bench_metrics"],
                           ["onnxrep.rules", "onnxrep.engine", "onnxrep.linear", "onnxrep.kernels",
