@@ -112,14 +112,6 @@ def identity(channels: int, rank: int, group: int | None = None) -> ConvSpec:
     return ConvSpec(w, np.zeros(channels), group=group)
 
 
-def channel_affine(scale: np.ndarray, shift: np.ndarray, rank: int) -> ConvSpec:
-    """y[c] = scale[c] * x[c] + shift[c] as a depthwise 1×…×1 conv."""
-    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
-    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64).reshape(-1), scale.shape)
-    c = scale.shape[0]
-    return ConvSpec(scale.reshape((c, 1) + (1,) * rank), shift.copy(), group=c)
-
-
 def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """Inference BatchNormalization as y = a*x + c per channel."""
     a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
@@ -160,11 +152,6 @@ def affine_after(spec: ConvSpec, scale, shift, inplace: bool = False) -> ConvSpe
     return replace(spec, weight=w, bias=spec.bias * a + c)
 
 
-def fuse_bn_after(spec: ConvSpec, gamma, beta, mean, var, eps: float) -> ConvSpec:
-    """BatchNormalization applied to the conv's output."""
-    return affine_after(spec, *bn_affine(gamma, beta, mean, var, eps))
-
-
 def affine_before(spec: ConvSpec, scale, shift) -> ConvSpec:
     """conv(a ⊙ x + c) as one conv: scale input channels and fold the shift into the bias.
 
@@ -197,11 +184,6 @@ def affine_after_transposed(weight: np.ndarray, bias, group: int, scale, shift):
     for j in range(group):
         w[j * ipg : (j + 1) * ipg] *= a[j * opg : (j + 1) * opg].reshape((1, opg) + (1,) * (w.ndim - 2))
     return w, b * a + c
-
-
-def fuse_bn_before(spec: ConvSpec, gamma, beta, mean, var, eps: float) -> ConvSpec:
-    """BatchNormalization applied to the conv's input."""
-    return affine_before(spec, *bn_affine(gamma, beta, mean, var, eps))
 
 
 # -- kernel reshaping ----------------------------------------------------------------------------
@@ -364,49 +346,6 @@ def concat(specs: list[ConvSpec]) -> ConvSpec:
         ws.append(pad_kernel(s.weight, kernel, off))
         bs.append(s.bias)
     return ConvSpec(np.concatenate(ws), np.concatenate(bs), strides=specs[0].strides, pads=pb + pe, dilations=dil, group=1)
-
-
-def block_diagonal(specs: list[ConvSpec]) -> ConvSpec:
-    """Convs each reading its own consecutive channel slice of one input, outputs concatenated in
-    the same order (Split → convs → Concat) → one grouped conv.
-
-    When all blocks have the same shape and group g the result has group n*g; otherwise the
-    blocks are placed on the diagonal of a dense kernel (group 1)."""
-    n = len(specs)
-    first = specs[0]
-    same = all(
-        s.weight.shape == first.weight.shape and s.group == first.group and s.strides == first.strides
-        and s.pads == first.pads and s.dilations == first.dilations
-        for s in specs
-    )
-    if same:
-        return ConvSpec(
-            np.concatenate([s.weight for s in specs]), np.concatenate([s.bias for s in specs]),
-            strides=first.strides, pads=first.pads, dilations=first.dilations, group=n * first.group,
-        )
-    # different shapes: align geometry against a common input, then place blocks densely
-    aligned, kernel, pb, pe, offsets, dil = _common_geometry_blocks(specs)
-    cin = sum(s.cin for s in specs)
-    cout = sum(s.cout for s in specs)
-    w = np.zeros((cout, cin) + kernel)
-    b = np.zeros(cout)
-    o0 = i0 = 0
-    for s, off in zip(aligned, offsets):
-        d = regroup(s, 1)
-        w[o0 : o0 + s.cout, i0 : i0 + s.cin] = pad_kernel(d.weight, kernel, off)
-        b[o0 : o0 + s.cout] = s.bias
-        o0 += s.cout
-        i0 += s.cin
-    return ConvSpec(w, b, strides=first.strides, pads=pb + pe, dilations=dil, group=1)
-
-
-def _common_geometry_blocks(specs):
-    # channel counts may differ per block; geometry alone must agree
-    probe = [replace(s, weight=s.weight[:1, :1], bias=s.bias[:1], group=1) for s in specs]
-    _, kernel, pb, pe, offsets, dil = _common_geometry(probe)
-    if any(s.dilations != dil for s in specs):
-        specs = [densify(s) for s in specs]
-    return specs, kernel, pb, pe, offsets, dil
 
 
 # -- sequential ----------------------------------------------------------------------------------

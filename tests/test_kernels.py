@@ -269,26 +269,27 @@ def test_identity(rng, rank, group):
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2, 3])
-def test_channel_affine(rng, rank):
-    """channel_affine(scale, shift) equals x*scale + shift per channel."""
+def test_affine_on_identity(rng, rank):
+    """affine_after on the identity (how the region walk expresses a per-channel affine) equals
+    x*scale + shift per channel."""
     c = 5
     a, sh = rng.standard_normal(c), rng.standard_normal(c)
     x = t(rng.standard_normal((BATCH, c) + (5, 4, 3)[:rank]))
-    spec = K.channel_affine(a, sh, rank)
+    spec = K.sparsest_group(K.affine_after(K.identity(c, rank), a, sh))
     assert spec.group == c
     assert_close(run(spec, x), x * bcast(a, rank) + bcast(sh, rank))
     # scalar shift broadcasts over channels
-    assert_close(run(K.channel_affine(a, 0.5, rank), x), x * bcast(a, rank) + 0.5)
+    assert_close(run(K.affine_after(K.identity(c, rank), a, 0.5), x), x * bcast(a, rank) + 0.5)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2, 3])
 def test_bn_affine(rng, rank):
-    """bn_affine as a channel_affine equals F.batch_norm(training=False)."""
+    """bn_affine as an affine on the identity equals F.batch_norm(training=False)."""
     c = 5
     p = bn_params(rng, c)
     x = t(rng.standard_normal((BATCH, c) + (5, 4, 3)[:rank]))
     a, sh = K.bn_affine(*p)
-    assert_close(run(K.channel_affine(a, sh, rank), x), tbn(x, *p))
+    assert_close(run(K.affine_after(K.identity(c, rank), a, sh), x), tbn(x, *p))
 
 
 POOL_CASES = [(r, k, s, p) for r in (1, 2, 3) for k, s, p in product(KERNELS[r], (1, 2), PADS[r])]
@@ -320,12 +321,12 @@ def test_affine_after(rng, g):
 
 
 @each_variant(ALL)
-def test_fuse_bn_after(rng, g):
-    """fuse_bn_after: BatchNorm(conv(x)) as one conv."""
+def test_bn_after_conv(rng, g):
+    """affine_after(bn_affine): BatchNorm(conv(x)) as one conv."""
     w, b, spec = make_conv(rng, g)
     x = make_x(rng, g)
     p = bn_params(rng, spec.cout)
-    assert_close(run(K.fuse_bn_after(spec, *p), x), tbn(orig_conv(x, w, b, g), *p))
+    assert_close(run(K.affine_after(spec, *K.bn_affine(*p)), x), tbn(orig_conv(x, w, b, g), *p))
 
 
 @each_variant(ALL)
@@ -340,38 +341,38 @@ def test_affine_before(rng, g):
 
 
 @each_variant(ALL)
-def test_fuse_bn_before(rng, g):
-    """fuse_bn_before: conv(BatchNorm(x)) as one conv (mean = beta = 0, i.e. zero shift, when padded)."""
+def test_bn_before_conv(rng, g):
+    """affine_before(bn_affine): conv(BatchNorm(x)) as one conv (mean = beta = 0, i.e. zero shift, when padded)."""
     w, b, spec = make_conv(rng, g)
     x = make_x(rng, g)
     gamma, beta, mean, var, eps = bn_params(rng, CIN)
     if any(g.pads):
         beta, mean = np.zeros(CIN), np.zeros(CIN)
     want = orig_conv(tbn(x, gamma, beta, mean, var, eps), w, b, g)
-    assert_close(run(K.fuse_bn_before(spec, gamma, beta, mean, var, eps), x), want)
+    assert_close(run(K.affine_before(spec, *K.bn_affine(gamma, beta, mean, var, eps)), x), want)
 
 
 @each_variant([g for g in NONZERO_RANK if any(g.pads) and g.dils[0] == 1], keep=lambda g: g.bias)
 def test_affine_before_shift_padded_raises(rng, g):
-    """affine_before/fuse_bn_before with a nonzero shift before a padded conv raise NotMergeable."""
+    """affine_before (also of a BN) with a nonzero shift before a padded conv raise NotMergeable."""
     _, _, spec = make_conv(rng, g)
     c = np.zeros(CIN)
     c[1] = 0.25
     with pytest.raises(NotMergeable):
         K.affine_before(spec, np.ones(CIN), c)
     with pytest.raises(NotMergeable):
-        K.fuse_bn_before(spec, *bn_params(rng, CIN))
+        K.affine_before(spec, *K.bn_affine(*bn_params(rng, CIN)))
 
 
-def test_fuse_bn_before_zero_shift_padded_exact(rng):
-    """fuse_bn_before with beta = mean·gamma/sqrt(var+eps) (shift exactly 0) before a 3×3 pad-1 conv is exact."""
+def test_bn_before_padded_conv_zero_shift_exact(rng):
+    """affine_before(bn_affine) with beta = mean·gamma/sqrt(var+eps) (shift exactly 0) before a 3×3 pad-1 conv is exact."""
     g = Geom(2, (3, 3), (1, 1), (1, 1,1, 1), (1, 1), "2", True, (7, 8))
     w, b, spec = make_conv(rng, g)
     gamma, _, mean, var, eps = bn_params(rng, CIN)
     beta = mean * (gamma / np.sqrt(var + eps))
     x = make_x(rng, g)
     want = orig_conv(tbn(x, gamma, beta, mean, var, eps), w, b, g)
-    assert_close(run(K.fuse_bn_before(spec, gamma, beta, mean, var, eps), x), want)
+    assert_close(run(K.affine_before(spec, *K.bn_affine(gamma, beta, mean, var, eps)), x), want)
 
 
 TRANSPOSED = [(r, grp, s, bias) for r in (1, 2, 3) for grp, s, bias in product(("1", "2", "dw"), (1, 2), (False, True))]
@@ -636,14 +637,14 @@ def test_concat_mismatch_raises():
         K.concat([ConvSpec(np.ones((4, 4, 1, 1)), None, pads=(1,) * 4), ConvSpec(np.ones((4, 4, 3, 3)), None)])
 
 
-# -- block_diagonal ------------------------------------------------------------------------------
+# -- block_diagonal (test-side constructor for sparsest_group's inputs) ----------------------------
 @each_variant(ALL)
 def test_block_diagonal_equal(rng, g):
     """block_diagonal: Split → 3 equal convs (group g) → Concat is one conv with group 3·g."""
     n = 3
     convs = [make_conv(rng, g) for _ in range(n)]
     x = make_x(rng, g, cin=n * CIN)
-    got = K.block_diagonal([s for _, _, s in convs])
+    got = block_diagonal([s for _, _, s in convs])
     assert got.group == n * g.group(CIN) and got.cin == n * CIN
     want = torch.cat([orig_conv(xi, w, b, g) for xi, (w, b, _) in zip(x.split(CIN, 1), convs)], 1)
     assert_close(run(got, x), want)
@@ -657,7 +658,7 @@ def test_block_diagonal_unequal(rng, g):
     parts = [(g, CIN, None), (g2, 2, 3), (g3, 3, 6)]
     convs = [make_conv(rng, gg, cin=ci, cout=co) for gg, ci, co in parts]
     x = make_x(rng, g, cin=sum(ci for _, ci, _ in parts))
-    got = K.block_diagonal([s for _, _, s in convs])
+    got = block_diagonal([s for _, _, s in convs])
     assert got.group == 1 and got.cin == CIN + 5 and got.cout == sum(s.cout for _, _, s in convs)
     want = torch.cat([orig_conv(xi, w, b, gg, cin=ci) for xi, (w, b, _), (gg, ci, _)
                       in zip(x.split([ci for _, ci, _ in parts], 1), convs, parts)], 1)
@@ -670,7 +671,7 @@ def test_block_diagonal_mixed_dilation(rng):
     wa, wb = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((4, 3, 3, 3))
     a = ConvSpec(wa, None, pads=(2,) * 4, dilations=(2, 2))
     b = ConvSpec(wb, None, pads=(1,) * 4)
-    got = K.block_diagonal([a, b])
+    got = block_diagonal([a, b])
     assert got.group == 1 and got.dilations == (1, 1)
     xa, xb = x.split([2, 3], 1)
     want = torch.cat([tconv(xa, wa, None, pads=(2,) * 4, dils=(2, 2)), tconv(xb, wb, None, pads=(1,) * 4)], 1)
@@ -825,7 +826,7 @@ def test_compose_dbb_1x1_bn_pad_3x3(rng):
     w1 = rng.standard_normal((6, CIN, 1, 1))
     p = bn_params(rng, 6)
     w2, b2 = rng.standard_normal((5, 6, 3, 3)), rng.standard_normal(5)
-    first = K.fuse_bn_after(ConvSpec(w1, None), *p)
+    first = K.affine_after(ConvSpec(w1, None), *K.bn_affine(*p))
     got = K.compose(first, ConvSpec(w2, b2, pads=(1,) * 4), border_is_bias=True)
     # DBB's BNAndPad: bn(conv(x)), then pad with the BN's value for a zero input
     y = tbn(tconv(x, w1), *p)
@@ -844,7 +845,7 @@ def test_sparsest_group_recovers_blocks(rng, n, grp):
     """sparsest_group: a dense block-diagonal kernel (n blocks of group g) becomes group n·g, same outputs."""
     blocks = [ConvSpec(rng.standard_normal((6 if grp != CIN else 2 * CIN, CIN // grp, 3, 3)), rng.standard_normal(
         6 if grp != CIN else 2 * CIN), pads=(1, 0, 1, 2), group=grp) for _ in range(n)]
-    dense = K.regroup(K.block_diagonal(blocks), 1)
+    dense = K.regroup(block_diagonal(blocks), 1)
     x = t(rng.standard_normal((BATCH, n * CIN, 7, 6)))
     got = K.sparsest_group(dense)
     assert got.group == n * grp
@@ -854,7 +855,7 @@ def test_sparsest_group_recovers_blocks(rng, n, grp):
 def test_sparsest_group_keeps_dense_and_grouped(rng):
     """sparsest_group: a kernel with an off-diagonal tap stays dense; grouped or rank-0 specs are returned as is."""
     blocks = [ConvSpec(rng.standard_normal((4, 4, 3, 3)), None) for _ in range(2)]
-    dense = K.regroup(K.block_diagonal(blocks), 1)
+    dense = K.regroup(block_diagonal(blocks), 1)
     dense.weight[0, 7, 2, 2] = 0.5  # one tap reading the other block's input
     assert K.sparsest_group(dense).group == 1
     grouped = ConvSpec(rng.standard_normal((4, 2, 3, 3)), None, group=2)
@@ -869,7 +870,7 @@ def test_sparsest_group_sees_an_off_diagonal_tap_in_any_row(rng, row):
     row, keeps the kernel dense (group 1), never a wrong grouping; without it 3 blocks of a 12×12
     kernel (gcd 12, smallest divisor 2) come back as group 3."""
     blocks = [ConvSpec(rng.standard_normal((4, 4, 3, 3)), None) for _ in range(3)]
-    dense = K.regroup(K.block_diagonal(blocks), 1)
+    dense = K.regroup(block_diagonal(blocks), 1)
     assert K.sparsest_group(dense).group == 3
     col = 11 if row < 8 else 0  # an input of another block
     dense.weight[row, col, 1, 1] = 0.25
@@ -879,7 +880,7 @@ def test_sparsest_group_sees_an_off_diagonal_tap_in_any_row(rng, row):
 def test_sparsest_group_odd_divisor(rng):
     """sparsest_group with 9 channels (gcd 9, smallest divisor 3): three 3-channel blocks → group 3."""
     blocks = [ConvSpec(rng.standard_normal((3, 3, 1, 1)), None) for _ in range(3)]
-    dense = K.regroup(K.block_diagonal(blocks), 1)
+    dense = K.regroup(block_diagonal(blocks), 1)
     got = K.sparsest_group(dense)
     assert got.group == 3
     x = t(rng.standard_normal((BATCH, 9, 5, 5)))
@@ -954,3 +955,49 @@ def test_add_on_known_size_when_padding_does_not_nest(rng):
     assert_close(run(m, x), run(a, x) + run(b, x), "2x2 s2 + 1x1 s2 on 8x8")
     with pytest.raises(K.NotMergeable):
         K.add([a, b], spatial=(9, 9))  # 4×4 vs 5×5
+
+# -- test-side constructors (the product merges Split → convs → Concat through the region walk) --
+def block_diagonal(specs: list[ConvSpec]) -> ConvSpec:
+    """Convs each reading its own consecutive channel slice of one input, outputs concatenated in
+    the same order (Split → convs → Concat) → one grouped conv.
+
+    When all blocks have the same shape and group g the result has group n*g; otherwise the
+    blocks are placed on the diagonal of a dense kernel (group 1)."""
+    n = len(specs)
+    first = specs[0]
+    same = all(
+        s.weight.shape == first.weight.shape and s.group == first.group and s.strides == first.strides
+        and s.pads == first.pads and s.dilations == first.dilations
+        for s in specs
+    )
+    if same:
+        return ConvSpec(
+            np.concatenate([s.weight for s in specs]), np.concatenate([s.bias for s in specs]),
+            strides=first.strides, pads=first.pads, dilations=first.dilations, group=n * first.group,
+        )
+    # different shapes: align geometry against a common input, then place blocks densely
+    aligned, kernel, pb, pe, offsets, dil = _common_geometry_blocks(specs)
+    cin = sum(s.cin for s in specs)
+    cout = sum(s.cout for s in specs)
+    w = np.zeros((cout, cin) + kernel)
+    b = np.zeros(cout)
+    o0 = i0 = 0
+    for s, off in zip(aligned, offsets):
+        d = K.regroup(s, 1)
+        w[o0 : o0 + s.cout, i0 : i0 + s.cin] = K.pad_kernel(d.weight, kernel, off)
+        b[o0 : o0 + s.cout] = s.bias
+        o0 += s.cout
+        i0 += s.cin
+    return ConvSpec(w, b, strides=first.strides, pads=pb + pe, dilations=dil, group=1)
+
+
+
+def _common_geometry_blocks(specs):
+    # channel counts may differ per block; geometry alone must agree
+    probe = [replace(s, weight=s.weight[:1, :1], bias=s.bias[:1], group=1) for s in specs]
+    _, kernel, pb, pe, offsets, dil = K._common_geometry(probe)
+    if any(s.dilations != dil for s in specs):
+        specs = [K.densify(s) for s in specs]
+    return specs, kernel, pb, pe, offsets, dil
+
+

@@ -138,5 +138,5 @@ def test_axis_vector_middle_axis():
 
 def test_matmul_weight_expands_groups():
     """A grouped rank-0 spec (from a depthwise affine) is written as its dense [Cin, Cout] matrix."""
-    spec = K.channel_affine(np.arange(1.0, 5.0), np.zeros(4), 0)
+    spec = K.affine_after(K.identity(4, 0), np.arange(1.0, 5.0), np.zeros(4))
     np.testing.assert_allclose(K.matmul_weight(spec), np.diag(np.arange(1.0, 5.0)))
