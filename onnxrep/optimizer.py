@@ -269,20 +269,7 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     dropping them from the inputs. fold_limit: largest tensor constant folding may make, in bytes
     (default folding.DEFAULT_FOLD_LIMIT, ORT's own)."""
     t0 = time.perf_counter()
-    path = None
-    if isinstance(model, (str, os.PathLike)):
-        path = str(model)
-        file_bytes = os.path.getsize(path) if os.path.exists(path) else None
-        lean = open_model(path)
-    elif isinstance(model, LeanModel):
-        lean, file_bytes = model, None  # open_model checked it
-    elif isinstance(model, onnx.ModelProto):
-        check_model(model)
-        lean, file_bytes = LeanModel.wrap(model), None
-    else:
-        raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
-    if not any(True for _ in lean.proto.graph.node):
-        raise InputError("model has no nodes")
+    path, lean, file_bytes = _open_input(model)
     # a dict is the API's argument (errors name input_shapes[...]); strings are the CLI's flags
     api = input_shapes is None or isinstance(input_shapes, Mapping)
     input_shapes = S.from_api(input_shapes)
@@ -316,7 +303,31 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         verification = V.check(ref, rewritten, vopts, _rebuild(lean, rewritten), list(ctx.counts))
         # both ORT runs, and reading the input's weights for the first (which the rules then reuse)
         verification["seconds"] = round(verify_seconds + time.perf_counter() - t, 3)
-    report = Report(
+    return rewritten, _report(path, before, rewritten, verification, time.perf_counter() - t0)
+
+
+def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
+    """(path or None, the model as a LeanModel, its file size) for a path, LeanModel or ModelProto."""
+    path = file_bytes = None
+    if isinstance(model, (str, os.PathLike)):
+        path = str(model)
+        file_bytes = os.path.getsize(path) if os.path.exists(path) else None
+        lean = open_model(path)
+    elif isinstance(model, LeanModel):
+        lean = model  # open_model checked it
+    elif isinstance(model, onnx.ModelProto):
+        check_model(model)
+        lean = LeanModel.wrap(model)
+    else:
+        raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
+    if not any(True for _ in lean.proto.graph.node):
+        raise InputError("model has no nodes")
+    return path, lean, file_bytes
+
+
+def _report(path, before: dict, rewritten: Rewritten, verification: dict | None, seconds: float) -> Report:
+    ctx = rewritten.ctx
+    return Report(
         input=path,
         before=before,
         after=stats.summarize(rewritten.skeleton),
@@ -324,7 +335,6 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         rewrites=[{"rule": r.rule, "replaced": r.replaced, "created": r.created, "detail": r.detail} for r in ctx.rewrites],
         declines=[{"rule": k[0], "node": k[1], "reason": k[2]} for k in ctx.declines],
         verification=verification,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         notes=ctx.notes,
     )
-    return rewritten, report
