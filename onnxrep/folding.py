@@ -9,7 +9,10 @@ Folding is a rewrite like any other: it can be wrong and it can explode. So:
 2. Exporter spellings that hide a constant are canonicalized: `CastLike(c, x)` with a constant `c`
    and a known dtype of `x` is `Cast(c, to=dtype(x))` (the dynamo exporter's bias-free convs carry
    `Expand(CastLike(0, x), Shape(W))` as bias); `SplitToSequence` with constant splits read only
-   by `SequenceAt` at constant positions is a `Split`.
+   by `SequenceAt` at constant positions is a `Split`; a Reshape target computed from shapes
+   becomes a constant (a symbolic dim carried at its position → 0; one computed entry among
+   positive constants → -1), and allowzero=1 is dropped from a constant target without a 0
+   (it only changes what a 0 means); `Transpose(Transpose(x))` is one Transpose (or none).
 3. Everything else is evaluated by ONNX Runtime (through graphsurgeon), node by node only when
    the node's output size is bounded before it runs: by its inferred static shape, by the values
    that set it (`ConstantOfShape`, `Expand`, `Tile`, `Range`) or by its inputs' shapes. A tensor
@@ -252,7 +255,8 @@ def _slice_bounds(n: int, start: int, end: int, step: int) -> tuple[int, int | N
 
 # -- exporter spellings ----------------------------------------------------------------------------
 def canonicalize(graph: gs.Graph) -> int:
-    """CastLike of a constant → Cast; SplitToSequence + SequenceAt with constant splits → Split."""
+    """CastLike of a constant → Cast; SplitToSequence + SequenceAt with constant splits → Split;
+    Reshape targets computed from shapes → constants; Transpose of a Transpose → one Transpose."""
     done = 0
     for node in list(graph.nodes):
         if node.op == "CastLike" and len(node.inputs) == 2 and isinstance(node.inputs[0], gs.Constant):
@@ -272,7 +276,10 @@ def canonicalize(graph: gs.Graph) -> int:
         elif node.op == "SplitToSequence":
             done += _sequence_to_split(graph, node)
         elif node.op == "Reshape":
-            done += _reshape_copying_dims(graph, node)
+            done += _reshape_copying_dims(graph, node) or _reshape_one_unknown_dim(graph, node)
+            done += _allowzero_without_zeros(node)
+        elif node.op == "Transpose":
+            done += _transpose_of_transpose(graph, node)
         elif node.op == "Slice":
             done += _whole_slice(graph, node)
     return done
@@ -343,6 +350,13 @@ def shape_value(t: gs.Tensor, depth: int = 0) -> list | None:
     if n.op == "Concat" and int(n.attrs.get("axis", 0)) in (0, -1):
         parts = [shape_value(i, depth + 1) for i in n.inputs]
         return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    if n.op in ("Mul", "Add", "Sub") and len(n.inputs) == 2:  # arithmetic on one dim (H·W): unknown
+        a, b = (shape_value(i, depth + 1) for i in n.inputs)
+        if a is None or b is None or len(a) != 1 or len(b) != 1:
+            return None
+        if all(isinstance(v, (int, np.integer)) for v in (a[0], b[0])):
+            return [int({"Mul": a[0] * b[0], "Add": a[0] + b[0], "Sub": a[0] - b[0]}[n.op])]
+        return [None]
     if n.op in ("Gather", "Slice"):
         v = shape_value(n.inputs[0], depth + 1)
         if v is None:
@@ -377,6 +391,78 @@ def _reshape_copying_dims(graph: gs.Graph, node: gs.Node) -> int:
     if "allowzero" in node.attrs:
         node.attrs["allowzero"] = 0
     node.inputs[1] = G.new_constant(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+    return 1
+
+
+def _reshape_one_unknown_dim(graph: gs.Graph, node: gs.Node) -> int:
+    """Reshape(x, Concat(c0, .., e, .., ck)) with every entry a positive constant but one computed
+    entry e (the exporters' `x.flatten(2)` as Concat(1, C, H·W) on a symbolic H, W) →
+    Reshape(x, [c0, .., -1, .., ck]). Exact: a Reshape keeps the element count, so once the other
+    entries are fixed, that count alone sets the remaining one, whatever e computed (allowzero too:
+    no entry is 0)."""
+    if len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant):
+        return 0
+    vals = shape_value(node.inputs[1])
+    if vals is None:
+        return 0
+    known = [v for v in vals if isinstance(v, (int, np.integer))]
+    if len(known) != len(vals) - 1 or any(v <= 0 for v in known):
+        return 0  # two unknowns (or a -1 beside one), or a 0 that copies / allows an empty dim
+    target = [int(v) if isinstance(v, (int, np.integer)) else -1 for v in vals]
+    node.inputs[1] = G.new_constant(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+    return 1
+
+
+def _allowzero_without_zeros(node: gs.Node) -> int:
+    """Reshape(allowzero=1) to a constant target without a 0 → allowzero=0: the attribute only
+    says what a 0 entry means, so both read the same; rules then see one spelling of a Reshape."""
+    if not int(node.attrs.get("allowzero", 0)) or len(node.inputs) < 2:
+        return 0
+    target = _const_ints(node.inputs[1])
+    if target is None or np.any(target == 0):
+        return 0
+    node.attrs["allowzero"] = 0
+    return 1
+
+
+def _transpose_of_transpose(graph: gs.Graph, node: gs.Node) -> int:
+    """Transpose(Transpose(x, p1), p2) → Transpose(x, p1[p2]) when the inner one has no other reader
+    (the dynamo exporter's `k.transpose(1, 2)` then `.transpose(-2, -1)` in attention); readers
+    read x directly when the composition is the identity. Exact: both only move elements."""
+    inner = G.producer(node.inputs[0]) if node.inputs else None
+    if inner is None or inner.op != "Transpose" or not inner.inputs:
+        return 0
+    mid = node.inputs[0]
+    if len(mid.outputs) != 1 or G.is_graph_output(graph, mid):
+        return 0
+    x = inner.inputs[0]
+    dims = _dims(x)
+    rank = len(dims) if dims is not None else None
+
+    def perm(n: gs.Node) -> list[int] | None:
+        p = n.attrs.get("perm")
+        if p is None:
+            return None if rank is None else list(range(rank))[::-1]
+        return [int(a) for a in p]
+
+    p1, p2 = perm(inner), perm(node)
+    if p1 is None or p2 is None or len(p1) != len(p2) or sorted(p1) != list(range(len(p1))) \
+            or sorted(p2) != list(range(len(p2))):
+        return 0
+    composed = [p1[a] for a in p2]
+    out = node.outputs[0] if node.outputs else None
+    if composed == list(range(len(composed))) and out is not None and not G.is_graph_output(graph, out):
+        for reader in list(out.outputs):
+            for j, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[j] = x
+        node.inputs.clear()
+        node.outputs.clear()
+    else:
+        node.inputs[0] = x
+        node.attrs["perm"] = composed
+    inner.inputs.clear()
+    inner.outputs.clear()
     return 1
 
 

@@ -216,6 +216,85 @@ def test_reshape_carrying_a_symbolic_dim_gets_a_constant_target():
     assert "Shape" in ops(fold_only(build(1, 2)))  # C at position 0: not the same dim
 
 
+def _flatten_hw_model(fixed_c):
+    """x [1, C, H, W] → Reshape(x, Concat([1], C, H·W)) with H·W computed from Shape, as the dynamo
+    exporter (optimize=False) spells `x.flatten(2)` on symbolic H, W; C a constant or Shape(x)[1]."""
+    nodes = [helper.make_node("Shape", ["x"], ["h"], start=2, end=3), helper.make_node("Shape", ["x"], ["w"], start=3, end=4),
+             helper.make_node("Squeeze", ["h"], ["hs"]), helper.make_node("Squeeze", ["w"], ["ws"]),
+             helper.make_node("Mul", ["hs", "ws"], ["hw"]), _c("m1", [-1]),
+             helper.make_node("Reshape", ["hw", "m1"], ["hw1"]), _c("one", [1])]
+    if fixed_c:
+        nodes.append(_c("c", [4]))
+    else:
+        nodes.append(helper.make_node("Shape", ["x"], ["c"], start=1, end=2))
+    nodes += [helper.make_node("Concat", ["one", "c", "hw1"], ["t"], axis=0),
+              helper.make_node("Reshape", ["x", "t"], ["y"], allowzero=1)]
+    return _model(nodes, [_x([1, "C" if not fixed_c else 4, "H", "W"])], [_x([1, "c", "n"], "y")])
+
+
+def test_reshape_with_one_computed_entry_gets_minus_one():
+    """Reshape(x, Concat(1, 4, H·W)) (dynamo noopt's flatten(2) on symbolic H, W) → Reshape(x, [1, 4, -1]):
+    the element count sets the one computed entry; the shape arithmetic goes away."""
+    model = _flatten_hw_model(fixed_c=True)
+    folded = fold_only(model)
+    assert ops(folded) == ["Reshape"]
+    target = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1]))
+    assert target.tolist() == [1, 4, -1]
+    for hw in ((3, 5), (1, 1)):
+        assert_same_in_ort(model, folded, {"x": RNG.standard_normal((1, 4, *hw)).astype(np.float32)})
+
+
+def test_reshape_with_two_computed_entries_keeps_its_shape_arithmetic():
+    """Negative: C and H·W both computed (symbolic C) leave two unknowns: not one -1, untouched."""
+    model = _flatten_hw_model(fixed_c=False)
+    folded = fold_only(model)
+    assert "Concat" in ops(folded) and "Mul" in ops(folded)
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((1, 4, 3, 5)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("target,shape,dropped", [([-1, 4], (3, 2, 2), True), ([0, 5], (2, 0), False)])
+def test_allowzero_is_dropped_from_a_target_without_zeros(target, shape, dropped):
+    """Reshape(allowzero=1) to [-1, 4] reads as allowzero=0 (the attribute only matters for a 0
+    entry): one spelling for the rules; a target with a 0 (an empty dim, not a copy) keeps it."""
+    nodes = [_c("t", target), helper.make_node("Reshape", ["x", "t"], ["y"], allowzero=1),
+             helper.make_node("Relu", ["y"], ["z"])]
+    model = _model(nodes, [_x(list(shape))], [_x(["a", "b"], "z")])
+    folded = fold_only(model)
+    reshape = next(n for n in folded.graph.node if n.op_type == "Reshape")
+    allowzero = next((a.i for a in reshape.attribute if a.name == "allowzero"), 0)
+    assert allowzero == (0 if dropped else 1)
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal(shape).astype(np.float32)})
+
+
+def _transposes(p1, p2, fan_out=False):
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=p1), helper.make_node("Transpose", ["t1"], ["t2"], perm=p2),
+             helper.make_node("Relu", ["t2"], ["y"])]
+    outs = [_x(["a", "b", "c", "d"], "y")]
+    if fan_out:
+        nodes.append(helper.make_node("Neg", ["t1"], ["z"]))
+        outs.append(_x(["a", "b", "c", "d"], "z"))
+    return _model(nodes, [_x([2, 3, 4, 5])], outs)
+
+
+@pytest.mark.parametrize("p1,p2,left", [([0, 2, 1, 3], [0, 1, 3, 2], 1), ([0, 2, 1, 3], [0, 2, 1, 3], 0),
+                                        ([3, 0, 2, 1], [1, 3, 0, 2], 1)])
+def test_transpose_of_transpose_is_one_transpose(p1, p2, left):
+    """Transpose(Transpose(x, p1), p2) → Transpose(x, p1[p2]) (attention's k.transpose(1, 2).transpose(-2, -1)
+    as the dynamo exporter writes it without its optimizer); none when that is the identity."""
+    model = _transposes(p1, p2)
+    folded = fold_only(model)
+    assert ops(folded).count("Transpose") == left
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)})
+
+
+def test_transpose_whose_inner_result_is_read_twice_stays():
+    """Negative: the inner Transpose's result has another reader: both Transposes stay."""
+    model = _transposes([0, 2, 1, 3], [0, 1, 3, 2], fan_out=True)
+    folded = fold_only(model)
+    assert ops(folded).count("Transpose") == 2
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)})
+
+
 # -- size cap -------------------------------------------------------------------------------------
 def bomb_model(n=3_200_000_000):
     """A few hundred bytes: If(max(x) > 1e30) then ReduceSum(ConstantOfShape([n])) else ReduceSum(x).
