@@ -315,6 +315,159 @@ def _whole_slice(graph: gs.Graph, node: gs.Node) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class Dim:
+    """A dim known as coef · Π syms (the symbolic dims of graph inputs, e.g. height·width): what
+    the exporters' shape arithmetic computes from Shape ops, compared and divided exactly."""
+
+    coef: int
+    syms: tuple[str, ...] = ()  # sorted, with repeats
+
+    def plain(self):
+        """An int when no symbol is left, the name when it is one symbol, else the Dim."""
+        if not self.syms:
+            return self.coef
+        return self.syms[0] if self.coef == 1 and len(self.syms) == 1 else self
+
+
+def _as_dim(v) -> Dim | None:
+    if isinstance(v, Dim):
+        return v
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0:
+        return Dim(int(v))
+    if isinstance(v, str) and v:
+        return Dim(1, (v,))
+    return None
+
+
+def _dim_mul(a: Dim | None, b: Dim | None) -> Dim | None:
+    if a is None or b is None:
+        return None
+    return Dim(a.coef * b.coef, tuple(sorted(a.syms + b.syms)))
+
+
+def _dim_div(a: Dim | None, b: Dim | None) -> Dim | None:
+    """a / b when it is exact (b's symbols among a's, coefficients divide), else None."""
+    if a is None or b is None or b.coef == 0 or a.coef % b.coef:
+        return None
+    rest = list(a.syms)
+    for sym in b.syms:
+        if sym not in rest:
+            return None
+        rest.remove(sym)
+    return Dim(a.coef // b.coef, tuple(rest))
+
+
+def _dims_product(dims) -> Dim | None:
+    out = Dim(1)
+    for d in dims:
+        out = _dim_mul(out, d)
+    return out
+
+
+#: ops whose (first) output has their first input's shape
+_SAME_SHAPE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "HardSwish", "HardSigmoid", "Gelu", "Softmax",
+               "LogSoftmax", "LayerNormalization", "BatchNormalization", "Identity", "Cast", "CastLike", "Neg",
+               "Sqrt", "Exp", "Abs", "Dropout", "Elu", "Selu", "Softplus", "Mish", "Clip", "Not", "Reciprocal"}
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "PRelu"}
+
+
+def symbolic_dims(t: gs.Tensor, depth: int = 0) -> list[Dim | None] | None:
+    """t's dims as Dims (None where unknown); None when its rank is unknown. Static and named dims
+    come from t's inferred shape; a dim shape inference lost (the -1 of a Reshape on symbolic
+    dims) is recomputed from the producer: Reshape to a constant target (its -1 is the element
+    count over the other entries), Transpose, MatMul by a constant matrix, broadcasting and
+    shape-preserving ops."""
+    dims = _dims(t)
+    # onnx names a dim it could not compute unk__N: a placeholder, not a symbol of the inputs
+    known = None if dims is None else [None if isinstance(d, str) and d.startswith("unk__") else _as_dim(d)
+                                       for d in dims]
+    if known is not None and all(d is not None for d in known) or depth > 32:
+        return known
+    n = G.producer(t)
+    derived = None
+    if n is not None and n.op == "Split" and n.inputs:
+        derived = _split_dims(n, t, depth)
+    elif n is not None and n.inputs and n.outputs[0] is t:
+        derived = _derive_dims(n, depth)
+    if derived is None or (known is not None and len(derived) != len(known)):
+        return known
+    if known is None:
+        return derived
+    return [k if k is not None else d for k, d in zip(known, derived)]
+
+
+def _split_dims(n: gs.Node, t: gs.Tensor, depth: int) -> list[Dim | None] | None:
+    """Output t of a Split: its input's dims, with the split axis's size taken from the sizes."""
+    xd = symbolic_dims(n.inputs[0], depth + 1)
+    k = next((i for i, o in enumerate(n.outputs) if o is t), None)
+    if xd is None or k is None:
+        return None
+    axis = int(n.attrs.get("axis", 0))
+    if not -len(xd) <= axis < len(xd):
+        return None
+    sizes = _const_ints(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else None
+    if sizes is None and n.attrs.get("split") is not None:
+        sizes = np.asarray(n.attrs["split"], np.int64)
+    if sizes is None or sizes.ndim != 1 or sizes.size != len(n.outputs):
+        return None  # equal parts: t's inferred shape has them already when the axis is static
+    return [Dim(int(sizes[k])) if i == axis % len(xd) else d for i, d in enumerate(xd)]
+
+
+def _derive_dims(n: gs.Node, depth: int) -> list[Dim | None] | None:
+    x = n.inputs[0]
+    if n.op in _SAME_SHAPE:
+        return symbolic_dims(x, depth + 1)
+    if n.op == "Transpose":
+        xd = symbolic_dims(x, depth + 1)
+        perm = n.attrs.get("perm")
+        if xd is None:
+            return None
+        perm = list(range(len(xd)))[::-1] if perm is None else [int(p) for p in perm]
+        return [xd[p] for p in perm] if sorted(perm) == list(range(len(xd))) else None
+    if n.op == "MatMul" and len(n.inputs) == 2 and isinstance(n.inputs[1], gs.Constant) and len(n.inputs[1].shape) == 2:
+        xd = symbolic_dims(x, depth + 1)
+        return None if xd is None or len(xd) < 2 else xd[:-1] + [Dim(int(n.inputs[1].shape[1]))]
+    if n.op == "Reshape" and len(n.inputs) == 2:
+        target = _const_ints(n.inputs[1])
+        xd = symbolic_dims(x, depth + 1)
+        if target is None or xd is None or target.ndim != 1:
+            return None
+        out: list[Dim | None] = []
+        for i, v in enumerate(int(v) for v in target):
+            if v == 0 and not int(n.attrs.get("allowzero", 0)):
+                out.append(xd[i] if i < len(xd) else None)
+            else:
+                out.append(Dim(v) if v >= 0 else None)
+        if target.tolist().count(-1) == 1:
+            i = target.tolist().index(-1)
+            others = out[:i] + out[i + 1:]
+            out[i] = None if any(d is None for d in others) else _dim_div(_dims_product(xd), _dims_product(others))
+        return out
+    if n.op in _BROADCASTING:
+        shapes = [symbolic_dims(i, depth + 1) if i.name else None for i in n.inputs]
+        if any(sh is None for sh in shapes):
+            return None
+        r = max(len(sh) for sh in shapes)
+        out = []
+        for axis in range(r):
+            ds = [sh[axis - r + len(sh)] for sh in shapes if axis - r + len(sh) >= 0]
+            big = [d for d in ds if d != Dim(1)]
+            # a dim of 1 broadcasts; among the others, one known static size wins (the rest are 1
+            # or equal to it), else they must all be the same known Dim
+            static = {d for d in big if d is not None and not d.syms}
+            if not big:
+                out.append(Dim(1))
+            elif len(static) == 1:
+                out.append(static.pop())
+            elif len(static) == 0 and all(d is not None and d == big[0] for d in big):
+                out.append(big[0])
+            else:
+                out.append(None)
+        return out
+    return None
+
+
 _SYMBOLIC_LEN = 8  # shape values longer than this are not shape arithmetic
 
 
@@ -356,6 +509,9 @@ def shape_value(t: gs.Tensor, depth: int = 0) -> list | None:
             return None
         if all(isinstance(v, (int, np.integer)) for v in (a[0], b[0])):
             return [int({"Mul": a[0] * b[0], "Add": a[0] + b[0], "Sub": a[0] - b[0]}[n.op])]
+        if n.op == "Mul":
+            prod = _dim_mul(_as_dim(a[0]), _as_dim(b[0]))
+            return [None if prod is None else prod.plain()]
         return [None]
     if n.op in ("Gather", "Slice"):
         v = shape_value(n.inputs[0], depth + 1)
@@ -405,12 +561,31 @@ def _reshape_one_unknown_dim(graph: gs.Graph, node: gs.Node) -> int:
     vals = shape_value(node.inputs[1])
     if vals is None:
         return 0
+    vals = _resolve_minus_one(node, vals)
     known = [v for v in vals if isinstance(v, (int, np.integer))]
     if len(known) != len(vals) - 1 or any(v <= 0 for v in known):
         return 0  # two unknowns (or a -1 beside one), or a 0 that copies / allows an empty dim
     target = [int(v) if isinstance(v, (int, np.integer)) else -1 for v in vals]
     node.inputs[1] = G.new_constant(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
     return 1
+
+
+def _resolve_minus_one(node: gs.Node, vals: list) -> list:
+    """vals with its -1 replaced by the dim it stands for, when every other entry is known (ints,
+    or products of symbolic dims) and the element count of the Reshape's input is known as such a
+    product: `x.reshape(B, N, heads, -1)` on symbolic N is [B, N, heads, C/heads]. Else vals."""
+    ints = [v for v in vals if isinstance(v, (int, np.integer))]
+    if ints.count(-1) != 1 or any(v == 0 for v in ints):
+        return vals
+    i = next(j for j, v in enumerate(vals) if isinstance(v, (int, np.integer)) and v == -1)
+    others = [_as_dim(v) for j, v in enumerate(vals) if j != i]
+    xd = symbolic_dims(node.inputs[0])
+    if xd is None or any(d is None for d in xd) or any(d is None for d in others):
+        return vals
+    d = _dim_div(_dims_product(xd), _dims_product(others))
+    if d is None or (not d.syms and d.coef <= 0):
+        return vals
+    return vals[:i] + [d.plain()] + vals[i + 1:]
 
 
 def _allowzero_without_zeros(node: gs.Node) -> int:

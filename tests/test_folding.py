@@ -252,6 +252,64 @@ def test_reshape_with_two_computed_entries_keeps_its_shape_arithmetic():
     assert_same_in_ort(model, folded, {"x": RNG.standard_normal((1, 4, 3, 5)).astype(np.float32)})
 
 
+def _heads_model(variant):
+    """Attention's head split on symbolic H, W as dynamo (optimize=False) writes it: tokens
+    t = Reshape(x, Concat(1, 4, H·W)) → Transpose → MatMul(W) [1, H·W, 8] (or one 8-wide part of
+    a Split, lora_qkv), then Reshape(·, Concat(1, H·W, 2, -1)) with H·W from Shape(x) again.
+    "weight_input": W is a graph input, so nothing tells the token count of the MatMul's output."""
+    nodes = [helper.make_node("Shape", ["x"], ["h"], start=2, end=3), helper.make_node("Shape", ["x"], ["w"], start=3, end=4),
+             helper.make_node("Squeeze", ["h"], ["hs"]), helper.make_node("Squeeze", ["w"], ["ws"]),
+             helper.make_node("Mul", ["hs", "ws"], ["hw"]), _c("m1", [-1]),
+             helper.make_node("Reshape", ["hw", "m1"], ["hw1"]), _c("one", [1]), _c("c", [4]), _c("two", [2]),
+             helper.make_node("Concat", ["one", "c", "hw1"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["tok"], allowzero=1),
+             helper.make_node("Transpose", ["tok"], ["tokT"], perm=[0, 2, 1])]
+    inputs, inits = [_x([1, 4, "H", "W"])], {}
+    if variant == "split":
+        inits = {"W": RNG.standard_normal((4, 16)).astype(np.float32), "sizes": np.array([8, 8], np.int64)}
+        nodes += [helper.make_node("MatMul", ["tokT", "W"], ["qk"]),
+                  helper.make_node("Split", ["qk", "sizes"], ["q", "k"], axis=2)]
+    elif variant == "weight_input":
+        inputs.append(_x([4, 8], "W"))
+        nodes.append(helper.make_node("MatMul", ["tokT", "W"], ["q"]))
+    else:
+        inits = {"W": RNG.standard_normal((4, 8)).astype(np.float32)}
+        nodes.append(helper.make_node("MatMul", ["tokT", "W"], ["q"]))
+    nodes += [helper.make_node("Concat", ["one", "hw1", "two", "m1"], ["t2"], axis=0),
+              helper.make_node("Reshape", ["q", "t2"], ["y"], allowzero=1)]
+    return _model(nodes, inputs, [_x(["a", "b", "c", "d"], "y")], inits)
+
+
+def _feeds(variant, h, w):
+    feeds = {"x": RNG.standard_normal((1, 4, h, w)).astype(np.float32)}
+    if variant == "weight_input":
+        feeds["W"] = RNG.standard_normal((4, 8)).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("variant", ["matmul", "split"])
+def test_head_split_on_symbolic_tokens_gets_constant_targets(variant):
+    """Reshape(q, Concat(1, H·W, 2, -1)): q's element count H·W·8 (followed from x through the
+    token Reshape, Transpose, the constant-weight MatMul and the Split) makes the -1 a 4, and then
+    H·W is the one unknown: [1, -1, 2, 4]. No shape arithmetic is left."""
+    model = _heads_model(variant)
+    folded = fold_only(model)
+    assert not {"Shape", "Concat", "Mul", "Squeeze"} & set(ops(folded)), ops(folded)
+    targets = {tuple(numpy_helper.to_array(t).tolist()) for t in folded.graph.initializer if t.data_type == TensorProto.INT64}
+    assert (1, -1, 2, 4) in targets and (1, 4, -1) in targets
+    for h, w in ((3, 5), (2, 2), (1, 1)):
+        assert_same_in_ort(model, folded, _feeds(variant, h, w))
+
+
+def test_head_split_whose_token_count_is_unknown_keeps_its_shape_arithmetic():
+    """Negative: with a MatMul by a graph input, q's dims are not followed: its -1 cannot be
+    resolved, so Concat(1, H·W, 2, -1) has two unknowns and stays."""
+    model = _heads_model("weight_input")
+    folded = fold_only(model)
+    assert "Concat" in ops(folded)
+    assert_same_in_ort(model, folded, _feeds("weight_input", 3, 5))
+
+
 @pytest.mark.parametrize("target,shape,dropped", [([-1, 4], (3, 2, 2), True), ([0, 5], (2, 0), False)])
 def test_allowzero_is_dropped_from_a_target_without_zeros(target, shape, dropped):
     """Reshape(allowzero=1) to [-1, 4] reads as allowzero=0 (the attribute only matters for a 0
