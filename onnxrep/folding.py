@@ -11,8 +11,10 @@ Folding is a rewrite like any other: it can be wrong and it can explode. So:
    `Expand(CastLike(0, x), Shape(W))` as bias); `SplitToSequence` with constant splits read only
    by `SequenceAt` at constant positions is a `Split`; a Reshape target computed from shapes
    becomes a constant (a symbolic dim carried at its position → 0; one computed entry among
-   positive constants → -1), and allowzero=1 is dropped from a constant target without a 0
-   (it only changes what a 0 means); `Transpose(Transpose(x))` is one Transpose (or none).
+   positive constants → -1; a -1 beside a computed entry is first resolved from the input's
+   element count, followed as a product of symbolic dims, `symbolic_dims`), and allowzero=1 is
+   dropped from a constant target without a 0 (it only changes what a 0 means);
+   `Transpose(Transpose(x))` is one Transpose (or none).
 3. Everything else is evaluated by ONNX Runtime (through graphsurgeon), node by node only when
    the node's output size is bounded before it runs: by its inferred static shape, by the values
    that set it (`ConstantOfShape`, `Expand`, `Tile`, `Range`) or by its inputs' shapes. A tensor
