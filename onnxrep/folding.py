@@ -374,12 +374,21 @@ _SAME_SHAPE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "HardSwish", "Hard
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "PRelu"}
 
 
-def symbolic_dims(t: gs.Tensor, depth: int = 0) -> list[Dim | None] | None:
+def symbolic_dims(t: gs.Tensor, depth: int = 0, memo: dict | None = None) -> list[Dim | None] | None:
     """t's dims as Dims (None where unknown); None when its rank is unknown. Static and named dims
     come from t's inferred shape; a dim shape inference lost (the -1 of a Reshape on symbolic
     dims) is recomputed from the producer: Reshape to a constant target (its -1 is the element
     count over the other entries), Transpose, MatMul by a constant matrix, broadcasting and
     shape-preserving ops."""
+    memo = {} if memo is None else memo  # a DAG (attention reads its tokens thrice): each tensor once
+    if id(t) in memo:
+        return memo[id(t)]
+    memo[id(t)] = None  # a cycle reads as unknown
+    memo[id(t)] = _symbolic_dims(t, depth, memo)
+    return memo[id(t)]
+
+
+def _symbolic_dims(t: gs.Tensor, depth: int, memo: dict) -> list[Dim | None] | None:
     dims = _dims(t)
     # onnx names a dim it could not compute unk__N: a placeholder, not a symbol of the inputs
     known = None if dims is None else [None if isinstance(d, str) and d.startswith("unk__") else _as_dim(d)
@@ -389,9 +398,9 @@ def symbolic_dims(t: gs.Tensor, depth: int = 0) -> list[Dim | None] | None:
     n = G.producer(t)
     derived = None
     if n is not None and n.op == "Split" and n.inputs:
-        derived = _split_dims(n, t, depth)
+        derived = _split_dims(n, t, depth, memo)
     elif n is not None and n.inputs and n.outputs[0] is t:
-        derived = _derive_dims(n, depth)
+        derived = _derive_dims(n, depth, memo)
     if derived is None or (known is not None and len(derived) != len(known)):
         return known
     if known is None:
@@ -399,9 +408,30 @@ def symbolic_dims(t: gs.Tensor, depth: int = 0) -> list[Dim | None] | None:
     return [k if k is not None else d for k, d in zip(known, derived)]
 
 
-def _split_dims(n: gs.Node, t: gs.Tensor, depth: int) -> list[Dim | None] | None:
+def _broadcast_dims(shapes: list[list[Dim | None]]) -> list[Dim | None]:
+    """Numpy broadcasting of symbolic dims: a dim of 1 broadcasts; among the others, one known
+    static size wins (the rest are 1 or equal to it, or the op fails), else they must all be the
+    same known Dim (a symbol that happens to be 1 then still gives the right size)."""
+    r = max((len(sh) for sh in shapes), default=0)
+    out: list[Dim | None] = []
+    for axis in range(r):
+        ds = [sh[axis - r + len(sh)] for sh in shapes if axis - r + len(sh) >= 0]
+        big = [d for d in ds if d != Dim(1)]
+        static = {d for d in big if d is not None and not d.syms}
+        if not big:
+            out.append(Dim(1))
+        elif len(static) == 1:
+            out.append(static.pop())
+        elif not static and all(d is not None and d == big[0] for d in big):
+            out.append(big[0])
+        else:
+            out.append(None)
+    return out
+
+
+def _split_dims(n: gs.Node, t: gs.Tensor, depth: int, memo: dict) -> list[Dim | None] | None:
     """Output t of a Split: its input's dims, with the split axis's size taken from the sizes."""
-    xd = symbolic_dims(n.inputs[0], depth + 1)
+    xd = symbolic_dims(n.inputs[0], depth + 1, memo)
     k = next((i for i, o in enumerate(n.outputs) if o is t), None)
     if xd is None or k is None:
         return None
@@ -416,23 +446,33 @@ def _split_dims(n: gs.Node, t: gs.Tensor, depth: int) -> list[Dim | None] | None
     return [Dim(int(sizes[k])) if i == axis % len(xd) else d for i, d in enumerate(xd)]
 
 
-def _derive_dims(n: gs.Node, depth: int) -> list[Dim | None] | None:
+def _derive_dims(n: gs.Node, depth: int, memo: dict) -> list[Dim | None] | None:
     x = n.inputs[0]
     if n.op in _SAME_SHAPE:
-        return symbolic_dims(x, depth + 1)
+        return symbolic_dims(x, depth + 1, memo)
     if n.op == "Transpose":
-        xd = symbolic_dims(x, depth + 1)
+        xd = symbolic_dims(x, depth + 1, memo)
         perm = n.attrs.get("perm")
         if xd is None:
             return None
         perm = list(range(len(xd)))[::-1] if perm is None else [int(p) for p in perm]
         return [xd[p] for p in perm] if sorted(perm) == list(range(len(xd))) else None
     if n.op == "MatMul" and len(n.inputs) == 2 and isinstance(n.inputs[1], gs.Constant) and len(n.inputs[1].shape) == 2:
-        xd = symbolic_dims(x, depth + 1)
+        xd = symbolic_dims(x, depth + 1, memo)
         return None if xd is None or len(xd) < 2 else xd[:-1] + [Dim(int(n.inputs[1].shape[1]))]
+    if n.op == "Flatten":
+        xd = symbolic_dims(x, depth + 1, memo)
+        if xd is None:
+            return None
+        axis = int(n.attrs.get("axis", 1))
+        axis = axis + len(xd) if axis < 0 else axis
+        if not 0 <= axis <= len(xd):
+            return None
+        lead, rest = xd[:axis], xd[axis:]
+        return [None if None in lead else _dims_product(lead), None if None in rest else _dims_product(rest)]
     if n.op == "Reshape" and len(n.inputs) == 2:
         target = _const_ints(n.inputs[1])
-        xd = symbolic_dims(x, depth + 1)
+        xd = symbolic_dims(x, depth + 1, memo)
         if target is None or xd is None or target.ndim != 1:
             return None
         out: list[Dim | None] = []
@@ -447,26 +487,13 @@ def _derive_dims(n: gs.Node, depth: int) -> list[Dim | None] | None:
             out[i] = None if any(d is None for d in others) else _dim_div(_dims_product(xd), _dims_product(others))
         return out
     if n.op in _BROADCASTING:
-        shapes = [symbolic_dims(i, depth + 1) if i.name else None for i in n.inputs]
-        if any(sh is None for sh in shapes):
+        shapes = [symbolic_dims(i, depth + 1, memo) if i.name else None for i in n.inputs]
+        return None if any(sh is None for sh in shapes) else _broadcast_dims(shapes)
+    if n.op == "MatMul" and len(n.inputs) == 2:  # both operands computed: batch axes broadcast
+        a, b = (symbolic_dims(i, depth + 1, memo) for i in n.inputs)
+        if a is None or b is None or len(a) < 2 or len(b) < 2:
             return None
-        r = max(len(sh) for sh in shapes)
-        out = []
-        for axis in range(r):
-            ds = [sh[axis - r + len(sh)] for sh in shapes if axis - r + len(sh) >= 0]
-            big = [d for d in ds if d != Dim(1)]
-            # a dim of 1 broadcasts; among the others, one known static size wins (the rest are 1
-            # or equal to it), else they must all be the same known Dim
-            static = {d for d in big if d is not None and not d.syms}
-            if not big:
-                out.append(Dim(1))
-            elif len(static) == 1:
-                out.append(static.pop())
-            elif len(static) == 0 and all(d is not None and d == big[0] for d in big):
-                out.append(big[0])
-            else:
-                out.append(None)
-        return out
+        return _broadcast_dims([a[:-2], b[:-2]]) + [a[-2], b[-1]]
     return None
 
 
@@ -496,7 +523,13 @@ def shape_value(t: gs.Tensor, depth: int = 0) -> list | None:
             return None
         start, end = shape_slice(len(dims), int(n.attrs.get("start", 0)),
                                  None if n.attrs.get("end") is None else int(n.attrs["end"]))
-        return [int(d) if _static(d) else (d if isinstance(d, str) and d else None) for d in dims[start:end]]
+        out = [int(d) if _static(d) else (d if isinstance(d, str) and d else None) for d in dims[start:end]]
+        if any(v is None or (isinstance(v, str) and v.startswith("unk__")) for v in out):
+            # a dim onnx could not compute: followed as a product of the inputs' symbolic dims
+            derived = symbolic_dims(n.inputs[0], depth + 1)
+            if derived is not None and len(derived) == len(dims):
+                out = [d.plain() if d is not None else v for v, d in zip(out, derived[start:end])]
+        return out
     if n.op in ("Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten"):
         v = shape_value(n.inputs[0], depth + 1)
         return v if v is not None and len(v) == 1 else None  # one element keeps its value

@@ -256,7 +256,8 @@ def _heads_model(variant):
     """Attention's head split on symbolic H, W as dynamo (optimize=False) writes it: tokens
     t = Reshape(x, Concat(1, 4, H·W)) → Transpose → MatMul(W) [1, H·W, 8] (or one 8-wide part of
     a Split, lora_qkv), then Reshape(·, Concat(1, H·W, 2, -1)) with H·W from Shape(x) again.
-    "weight_input": W is a graph input, so nothing tells the token count of the MatMul's output."""
+    "weight_input": W is a graph input [4, K]: the MatMul's output has H·W·K elements, and K / 2
+    is not a product of known dims."""
     nodes = [helper.make_node("Shape", ["x"], ["h"], start=2, end=3), helper.make_node("Shape", ["x"], ["w"], start=3, end=4),
              helper.make_node("Squeeze", ["h"], ["hs"]), helper.make_node("Squeeze", ["w"], ["ws"]),
              helper.make_node("Mul", ["hs", "ws"], ["hw"]), _c("m1", [-1]),
@@ -270,7 +271,7 @@ def _heads_model(variant):
         nodes += [helper.make_node("MatMul", ["tokT", "W"], ["qk"]),
                   helper.make_node("Split", ["qk", "sizes"], ["q", "k"], axis=2)]
     elif variant == "weight_input":
-        inputs.append(_x([4, 8], "W"))
+        inputs.append(_x([4, "K"], "W"))
         nodes.append(helper.make_node("MatMul", ["tokT", "W"], ["q"]))
     else:
         inits = {"W": RNG.standard_normal((4, 8)).astype(np.float32)}
@@ -302,12 +303,42 @@ def test_head_split_on_symbolic_tokens_gets_constant_targets(variant):
 
 
 def test_head_split_whose_token_count_is_unknown_keeps_its_shape_arithmetic():
-    """Negative: with a MatMul by a graph input, q's dims are not followed: its -1 cannot be
-    resolved, so Concat(1, H·W, 2, -1) has two unknowns and stays."""
+    """Negative: q = tokens · W with W [4, K] a graph input: the -1 of [1, H·W, 2, -1] is K/2,
+    which no product of the inputs' dims spells, so the target keeps two unknowns and stays."""
     model = _heads_model("weight_input")
     folded = fold_only(model)
     assert "Concat" in ops(folded)
     assert_same_in_ort(model, folded, _feeds("weight_input", 3, 5))
+
+
+def test_head_merge_after_attention_gets_a_constant_target():
+    """The legacy exporter's merge of the heads, reshape(B, N, -1) with N = Shape(tokens)[1] on
+    symbolic H, W: N (a dim onnx names unk__) is followed to H·W, the attention output's
+    [1, 2, H·W, 4] through both computed MatMuls and the Transposes, so the -1 is 8: [1, -1, 8]."""
+    model = _heads_model("matmul")
+    g = model.graph
+    del g.node[-2:]  # the head split, rebuilt below with the merge after it
+    g.node.extend([
+        _c("four", [4]), helper.make_node("Concat", ["one", "hw1", "two", "four"], ["t2"], axis=0),
+        helper.make_node("Reshape", ["q", "t2"], ["q4"]),
+        helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["q4"], ["kh"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["qh", "kh"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "qh"], ["o"]),
+        helper.make_node("Transpose", ["o"], ["oT"], perm=[0, 2, 1, 3]),
+        helper.make_node("Shape", ["tokT"], ["ts"]), _c("i1", 1), helper.make_node("Gather", ["ts", "i1"], ["n"], axis=0),
+        _c("zero", [0]), helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+        helper.make_node("Concat", ["one", "n1", "m1"], ["t3"], axis=0),
+        helper.make_node("Reshape", ["oT", "t3"], ["y"])])
+    del g.output[:]
+    g.output.append(_x(["a", "b", "c"], "y"))
+    onnx.checker.check_model(model, full_check=True)
+    folded = fold_only(model)
+    assert not {"Shape", "Concat", "Mul", "Squeeze", "Gather", "Unsqueeze"} & set(ops(folded)), ops(folded)
+    targets = {tuple(numpy_helper.to_array(t).tolist()) for t in folded.graph.initializer if t.data_type == TensorProto.INT64}
+    assert (1, -1, 8) in targets
+    for h, w in ((3, 5), (1, 2)):
+        assert_same_in_ort(model, folded, _feeds("matmul", h, w))
 
 
 @pytest.mark.parametrize("target,shape,dropped", [([-1, 4], (3, 2, 2), True), ([0, 5], (2, 0), False)])
