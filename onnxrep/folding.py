@@ -377,9 +377,9 @@ _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "PRel
 def symbolic_dims(t: gs.Tensor, depth: int = 0, memo: dict | None = None) -> list[Dim | None] | None:
     """t's dims as Dims (None where unknown); None when its rank is unknown. Static and named dims
     come from t's inferred shape; a dim shape inference lost (the -1 of a Reshape on symbolic
-    dims) is recomputed from the producer: Reshape to a constant target (its -1 is the element
-    count over the other entries), Transpose, MatMul by a constant matrix, broadcasting and
-    shape-preserving ops."""
+    dims, named unk__N by onnx) is recomputed from the producer: Reshape to a constant target (its
+    -1 is the element count over the other entries), Flatten, Transpose, Split, MatMul,
+    broadcasting and shape-preserving ops."""
     memo = {} if memo is None else memo  # a DAG (attention reads its tokens thrice): each tensor once
     if id(t) in memo:
         return memo[id(t)]
