@@ -9,7 +9,12 @@ Folding is a rewrite like any other: it can be wrong and it can explode. So:
 2. Exporter spellings that hide a constant are canonicalized: `CastLike(c, x)` with a constant `c`
    and a known dtype of `x` is `Cast(c, to=dtype(x))` (the dynamo exporter's bias-free convs carry
    `Expand(CastLike(0, x), Shape(W))` as bias); `SplitToSequence` with constant splits read only
-   by `SequenceAt` at constant positions is a `Split`.
+   by `SequenceAt` at constant positions is a `Split`; a Reshape target computed from shapes
+   becomes a constant (a symbolic dim carried at its position → 0; one computed entry among
+   positive constants → -1; a -1 beside a computed entry is first resolved from the input's
+   element count, followed as a product of symbolic dims, `symbolic_dims`), and allowzero=1 is
+   dropped from a constant target without a 0 (it only changes what a 0 means);
+   `Transpose(Transpose(x))` is one Transpose (or none).
 3. Everything else is evaluated by ONNX Runtime (through graphsurgeon), node by node only when
    the node's output size is bounded before it runs: by its inferred static shape, by the values
    that set it (`ConstantOfShape`, `Expand`, `Tile`, `Range`) or by its inputs' shapes. A tensor
@@ -252,7 +257,8 @@ def _slice_bounds(n: int, start: int, end: int, step: int) -> tuple[int, int | N
 
 # -- exporter spellings ----------------------------------------------------------------------------
 def canonicalize(graph: gs.Graph) -> int:
-    """CastLike of a constant → Cast; SplitToSequence + SequenceAt with constant splits → Split."""
+    """CastLike of a constant → Cast; SplitToSequence + SequenceAt with constant splits → Split;
+    Reshape targets computed from shapes → constants; Transpose of a Transpose → one Transpose."""
     done = 0
     for node in list(graph.nodes):
         if node.op == "CastLike" and len(node.inputs) == 2 and isinstance(node.inputs[0], gs.Constant):
@@ -272,7 +278,10 @@ def canonicalize(graph: gs.Graph) -> int:
         elif node.op == "SplitToSequence":
             done += _sequence_to_split(graph, node)
         elif node.op == "Reshape":
-            done += _reshape_copying_dims(graph, node)
+            done += _reshape_copying_dims(graph, node) or _reshape_one_unknown_dim(graph, node)
+            done += _allowzero_without_zeros(node)
+        elif node.op == "Transpose":
+            done += _transpose_of_transpose(graph, node)
         elif node.op == "Slice":
             done += _whole_slice(graph, node)
     return done
@@ -308,6 +317,186 @@ def _whole_slice(graph: gs.Graph, node: gs.Node) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class Dim:
+    """A dim known as coef · Π syms (the symbolic dims of graph inputs, e.g. height·width): what
+    the exporters' shape arithmetic computes from Shape ops, compared and divided exactly."""
+
+    coef: int
+    syms: tuple[str, ...] = ()  # sorted, with repeats
+
+    def plain(self):
+        """An int when no symbol is left, the name when it is one symbol, else the Dim."""
+        if not self.syms:
+            return self.coef
+        return self.syms[0] if self.coef == 1 and len(self.syms) == 1 else self
+
+
+def _as_dim(v) -> Dim | None:
+    if isinstance(v, Dim):
+        return v
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0:
+        return Dim(int(v))
+    if isinstance(v, str) and v:
+        return Dim(1, (v,))
+    return None
+
+
+def _dim_mul(a: Dim | None, b: Dim | None) -> Dim | None:
+    if a is None or b is None:
+        return None
+    return Dim(a.coef * b.coef, tuple(sorted(a.syms + b.syms)))
+
+
+def _dim_div(a: Dim | None, b: Dim | None) -> Dim | None:
+    """a / b when it is exact (b's symbols among a's, coefficients divide), else None."""
+    if a is None or b is None or b.coef == 0 or a.coef % b.coef:
+        return None
+    rest = list(a.syms)
+    for sym in b.syms:
+        if sym not in rest:
+            return None
+        rest.remove(sym)
+    return Dim(a.coef // b.coef, tuple(rest))
+
+
+def _dims_product(dims) -> Dim | None:
+    out = Dim(1)
+    for d in dims:
+        out = _dim_mul(out, d)
+    return out
+
+
+#: ops whose (first) output has their first input's shape
+_SAME_SHAPE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "HardSwish", "HardSigmoid", "Gelu", "Softmax",
+               "LogSoftmax", "LayerNormalization", "BatchNormalization", "Identity", "Cast", "CastLike", "Neg",
+               "Sqrt", "Exp", "Abs", "Dropout", "Elu", "Selu", "Softplus", "Mish", "Clip", "Not", "Reciprocal"}
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "PRelu"}
+
+
+def symbolic_dims(t: gs.Tensor, depth: int = 0, memo: dict | None = None) -> list[Dim | None] | None:
+    """t's dims as Dims (None where unknown); None when its rank is unknown. Static and named dims
+    come from t's inferred shape; a dim shape inference lost (the -1 of a Reshape on symbolic
+    dims, named unk__N by onnx) is recomputed from the producer: Reshape to a constant target (its
+    -1 is the element count over the other entries), Flatten, Transpose, Split, MatMul,
+    broadcasting and shape-preserving ops."""
+    memo = {} if memo is None else memo  # a DAG (attention reads its tokens thrice): each tensor once
+    if id(t) in memo:
+        return memo[id(t)]
+    memo[id(t)] = None  # a cycle reads as unknown
+    memo[id(t)] = _symbolic_dims(t, depth, memo)
+    return memo[id(t)]
+
+
+def _symbolic_dims(t: gs.Tensor, depth: int, memo: dict) -> list[Dim | None] | None:
+    dims = _dims(t)
+    # onnx names a dim it could not compute unk__N: a placeholder, not a symbol of the inputs
+    known = None if dims is None else [None if isinstance(d, str) and d.startswith("unk__") else _as_dim(d)
+                                       for d in dims]
+    if known is not None and all(d is not None for d in known) or depth > 32:
+        return known
+    n = G.producer(t)
+    derived = None
+    if n is not None and n.op == "Split" and n.inputs:
+        derived = _split_dims(n, t, depth, memo)
+    elif n is not None and n.inputs and n.outputs[0] is t:
+        derived = _derive_dims(n, depth, memo)
+    if derived is None or (known is not None and len(derived) != len(known)):
+        return known
+    if known is None:
+        return derived
+    return [k if k is not None else d for k, d in zip(known, derived)]
+
+
+def _broadcast_dims(shapes: list[list[Dim | None]]) -> list[Dim | None]:
+    """Numpy broadcasting of symbolic dims: a dim of 1 broadcasts; among the others, one known
+    static size wins (the rest are 1 or equal to it, or the op fails), else they must all be the
+    same known Dim (a symbol that happens to be 1 then still gives the right size)."""
+    r = max((len(sh) for sh in shapes), default=0)
+    out: list[Dim | None] = []
+    for axis in range(r):
+        ds = [sh[axis - r + len(sh)] for sh in shapes if axis - r + len(sh) >= 0]
+        big = [d for d in ds if d != Dim(1)]
+        static = {d for d in big if d is not None and not d.syms}
+        if not big:
+            out.append(Dim(1))
+        elif len(static) == 1:
+            out.append(static.pop())
+        elif not static and all(d is not None and d == big[0] for d in big):
+            out.append(big[0])
+        else:
+            out.append(None)
+    return out
+
+
+def _split_dims(n: gs.Node, t: gs.Tensor, depth: int, memo: dict) -> list[Dim | None] | None:
+    """Output t of a Split: its input's dims, with the split axis's size taken from the sizes."""
+    xd = symbolic_dims(n.inputs[0], depth + 1, memo)
+    k = next((i for i, o in enumerate(n.outputs) if o is t), None)
+    if xd is None or k is None:
+        return None
+    axis = int(n.attrs.get("axis", 0))
+    if not -len(xd) <= axis < len(xd):
+        return None
+    sizes = _const_ints(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else None
+    if sizes is None and n.attrs.get("split") is not None:
+        sizes = np.asarray(n.attrs["split"], np.int64)
+    if sizes is None or sizes.ndim != 1 or sizes.size != len(n.outputs):
+        return None  # equal parts: t's inferred shape has them already when the axis is static
+    return [Dim(int(sizes[k])) if i == axis % len(xd) else d for i, d in enumerate(xd)]
+
+
+def _derive_dims(n: gs.Node, depth: int, memo: dict) -> list[Dim | None] | None:
+    x = n.inputs[0]
+    if n.op in _SAME_SHAPE:
+        return symbolic_dims(x, depth + 1, memo)
+    if n.op == "Transpose":
+        xd = symbolic_dims(x, depth + 1, memo)
+        perm = n.attrs.get("perm")
+        if xd is None:
+            return None
+        perm = list(range(len(xd)))[::-1] if perm is None else [int(p) for p in perm]
+        return [xd[p] for p in perm] if sorted(perm) == list(range(len(xd))) else None
+    if n.op == "MatMul" and len(n.inputs) == 2 and isinstance(n.inputs[1], gs.Constant) and len(n.inputs[1].shape) == 2:
+        xd = symbolic_dims(x, depth + 1, memo)
+        return None if xd is None or len(xd) < 2 else xd[:-1] + [Dim(int(n.inputs[1].shape[1]))]
+    if n.op == "Flatten":
+        xd = symbolic_dims(x, depth + 1, memo)
+        if xd is None:
+            return None
+        axis = int(n.attrs.get("axis", 1))
+        axis = axis + len(xd) if axis < 0 else axis
+        if not 0 <= axis <= len(xd):
+            return None
+        lead, rest = xd[:axis], xd[axis:]
+        return [None if None in lead else _dims_product(lead), None if None in rest else _dims_product(rest)]
+    if n.op == "Reshape" and len(n.inputs) == 2:
+        target = _const_ints(n.inputs[1])
+        xd = symbolic_dims(x, depth + 1, memo)
+        if target is None or xd is None or target.ndim != 1:
+            return None
+        out: list[Dim | None] = []
+        for i, v in enumerate(int(v) for v in target):
+            if v == 0 and not int(n.attrs.get("allowzero", 0)):
+                out.append(xd[i] if i < len(xd) else None)
+            else:
+                out.append(Dim(v) if v >= 0 else None)
+        if target.tolist().count(-1) == 1:
+            i = target.tolist().index(-1)
+            others = out[:i] + out[i + 1:]
+            out[i] = None if any(d is None for d in others) else _dim_div(_dims_product(xd), _dims_product(others))
+        return out
+    if n.op in _BROADCASTING:
+        shapes = [symbolic_dims(i, depth + 1, memo) if i.name else None for i in n.inputs]
+        return None if any(sh is None for sh in shapes) else _broadcast_dims(shapes)
+    if n.op == "MatMul" and len(n.inputs) == 2:  # both operands computed: batch axes broadcast
+        a, b = (symbolic_dims(i, depth + 1, memo) for i in n.inputs)
+        if a is None or b is None or len(a) < 2 or len(b) < 2:
+            return None
+        return _broadcast_dims([a[:-2], b[:-2]]) + [a[-2], b[-1]]
+    return None
+
+
 _SYMBOLIC_LEN = 8  # shape values longer than this are not shape arithmetic
 
 
@@ -334,7 +523,13 @@ def shape_value(t: gs.Tensor, depth: int = 0) -> list | None:
             return None
         start, end = shape_slice(len(dims), int(n.attrs.get("start", 0)),
                                  None if n.attrs.get("end") is None else int(n.attrs["end"]))
-        return [int(d) if _static(d) else (d if isinstance(d, str) and d else None) for d in dims[start:end]]
+        out = [int(d) if _static(d) else (d if isinstance(d, str) and d else None) for d in dims[start:end]]
+        if any(v is None or (isinstance(v, str) and v.startswith("unk__")) for v in out):
+            # a dim onnx could not compute: followed as a product of the inputs' symbolic dims
+            derived = symbolic_dims(n.inputs[0], depth + 1)
+            if derived is not None and len(derived) == len(dims):
+                out = [d.plain() if d is not None else v for v, d in zip(out, derived[start:end])]
+        return out
     if n.op in ("Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten"):
         v = shape_value(n.inputs[0], depth + 1)
         return v if v is not None and len(v) == 1 else None  # one element keeps its value
@@ -343,6 +538,16 @@ def shape_value(t: gs.Tensor, depth: int = 0) -> list | None:
     if n.op == "Concat" and int(n.attrs.get("axis", 0)) in (0, -1):
         parts = [shape_value(i, depth + 1) for i in n.inputs]
         return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    if n.op in ("Mul", "Add", "Sub") and len(n.inputs) == 2:  # arithmetic on one dim (H·W): unknown
+        a, b = (shape_value(i, depth + 1) for i in n.inputs)
+        if a is None or b is None or len(a) != 1 or len(b) != 1:
+            return None
+        if all(isinstance(v, (int, np.integer)) for v in (a[0], b[0])):
+            return [int({"Mul": a[0] * b[0], "Add": a[0] + b[0], "Sub": a[0] - b[0]}[n.op])]
+        if n.op == "Mul":
+            prod = _dim_mul(_as_dim(a[0]), _as_dim(b[0]))
+            return [None if prod is None else prod.plain()]
+        return [None]
     if n.op in ("Gather", "Slice"):
         v = shape_value(n.inputs[0], depth + 1)
         if v is None:
@@ -377,6 +582,97 @@ def _reshape_copying_dims(graph: gs.Graph, node: gs.Node) -> int:
     if "allowzero" in node.attrs:
         node.attrs["allowzero"] = 0
     node.inputs[1] = G.new_constant(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+    return 1
+
+
+def _reshape_one_unknown_dim(graph: gs.Graph, node: gs.Node) -> int:
+    """Reshape(x, Concat(c0, .., e, .., ck)) with every entry a positive constant but one computed
+    entry e (the exporters' `x.flatten(2)` as Concat(1, C, H·W) on a symbolic H, W) →
+    Reshape(x, [c0, .., -1, .., ck]). Exact: a Reshape keeps the element count, so once the other
+    entries are fixed, that count alone sets the remaining one, whatever e computed (allowzero too:
+    no entry is 0)."""
+    if len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant):
+        return 0
+    vals = shape_value(node.inputs[1])
+    if vals is None:
+        return 0
+    vals = _resolve_minus_one(node, vals)
+    known = [v for v in vals if isinstance(v, (int, np.integer))]
+    if len(known) != len(vals) - 1 or any(v <= 0 for v in known):
+        return 0  # two unknowns (or a -1 beside one), or a 0 that copies / allows an empty dim
+    target = [int(v) if isinstance(v, (int, np.integer)) else -1 for v in vals]
+    node.inputs[1] = G.new_constant(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+    return 1
+
+
+def _resolve_minus_one(node: gs.Node, vals: list) -> list:
+    """vals with its -1 replaced by the dim it stands for, when every other entry is known (ints,
+    or products of symbolic dims) and the element count of the Reshape's input is known as such a
+    product: `x.reshape(B, N, heads, -1)` on symbolic N is [B, N, heads, C/heads]. Else vals."""
+    ints = [v for v in vals if isinstance(v, (int, np.integer))]
+    if ints.count(-1) != 1 or any(v == 0 for v in ints):
+        return vals
+    i = next(j for j, v in enumerate(vals) if isinstance(v, (int, np.integer)) and v == -1)
+    others = [_as_dim(v) for j, v in enumerate(vals) if j != i]
+    xd = symbolic_dims(node.inputs[0])
+    if xd is None or any(d is None for d in xd) or any(d is None for d in others):
+        return vals
+    d = _dim_div(_dims_product(xd), _dims_product(others))
+    if d is None or (not d.syms and d.coef <= 0):
+        return vals
+    return vals[:i] + [d.plain()] + vals[i + 1:]
+
+
+def _allowzero_without_zeros(node: gs.Node) -> int:
+    """Reshape(allowzero=1) to a constant target without a 0 → allowzero=0: the attribute only
+    says what a 0 entry means, so both read the same; rules then see one spelling of a Reshape."""
+    if not int(node.attrs.get("allowzero", 0)) or len(node.inputs) < 2:
+        return 0
+    target = _const_ints(node.inputs[1])
+    if target is None or np.any(target == 0):
+        return 0
+    node.attrs["allowzero"] = 0
+    return 1
+
+
+def _transpose_of_transpose(graph: gs.Graph, node: gs.Node) -> int:
+    """Transpose(Transpose(x, p1), p2) → Transpose(x, p1[p2]) when the inner one has no other reader
+    (the dynamo exporter's `k.transpose(1, 2)` then `.transpose(-2, -1)` in attention); readers
+    read x directly when the composition is the identity. Exact: both only move elements."""
+    inner = G.producer(node.inputs[0]) if node.inputs else None
+    if inner is None or inner.op != "Transpose" or not inner.inputs:
+        return 0
+    mid = node.inputs[0]
+    if len(mid.outputs) != 1 or G.is_graph_output(graph, mid):
+        return 0
+    x = inner.inputs[0]
+    dims = _dims(x)
+    rank = len(dims) if dims is not None else None
+
+    def perm(n: gs.Node) -> list[int] | None:
+        p = n.attrs.get("perm")
+        if p is None:
+            return None if rank is None else list(range(rank))[::-1]
+        return [int(a) for a in p]
+
+    p1, p2 = perm(inner), perm(node)
+    if p1 is None or p2 is None or len(p1) != len(p2) or sorted(p1) != list(range(len(p1))) \
+            or sorted(p2) != list(range(len(p2))):
+        return 0
+    composed = [p1[a] for a in p2]
+    out = node.outputs[0] if node.outputs else None
+    if composed == list(range(len(composed))) and out is not None and not G.is_graph_output(graph, out):
+        for reader in list(out.outputs):
+            for j, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[j] = x
+        node.inputs.clear()
+        node.outputs.clear()
+    else:
+        node.inputs[0] = x
+        node.attrs["perm"] = composed
+    inner.inputs.clear()
+    inner.outputs.clear()
     return 1
 
 

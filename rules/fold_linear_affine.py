@@ -562,8 +562,24 @@ def _out_shape(region: Region) -> np.ndarray | None:
     if root.op == "Reshape" and root.outputs[0] is out and not int(root.attrs.get("allowzero", 0)):
         shape = G.const(root.inputs[1])
         if shape is not None and shape.ndim == 1 and not np.any(shape == 0):
+            if _restores_token_axes(src, shape, region.form.spec.cout):
+                return np.zeros(0, dtype=np.int64)
             return np.asarray(shape, dtype=np.int64)
     return None
+
+
+def _restores_token_axes(src: gs.Tensor, shape: np.ndarray, cout: int) -> bool:
+    """Whether Reshape(·, shape) of the merged MatMul's output (src's token axes, then cout) leaves
+    it as it is: same rank, last entry cout, one -1 (what a dynamic dim's shape arithmetic folds
+    to) and every other entry equal to src's static dim there. The element count then makes the -1
+    src's dim at that position. (LeViT's reshape_as after BN1d on [B·N, C], dynamic B.)"""
+    dims = list(src.shape or [])[:-1]
+    want = [int(v) for v in shape.reshape(-1)]
+    if not want or want.pop() != cout or len(dims) != len(want) or want.count(-1) != 1:
+        return False
+    i = want.index(-1)
+    return all(isinstance(d, (int, np.integer)) and d > 0 and int(d) == w
+               for j, (d, w) in enumerate(zip(dims, want)) if j != i)
 
 
 def _reshaped_again(graph, out: gs.Tensor) -> bool:

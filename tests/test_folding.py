@@ -216,6 +216,174 @@ def test_reshape_carrying_a_symbolic_dim_gets_a_constant_target():
     assert "Shape" in ops(fold_only(build(1, 2)))  # C at position 0: not the same dim
 
 
+def _flatten_hw_model(fixed_c):
+    """x [1, C, H, W] → Reshape(x, Concat([1], C, H·W)) with H·W computed from Shape, as the dynamo
+    exporter (optimize=False) spells `x.flatten(2)` on symbolic H, W; C a constant or Shape(x)[1]."""
+    nodes = [helper.make_node("Shape", ["x"], ["h"], start=2, end=3), helper.make_node("Shape", ["x"], ["w"], start=3, end=4),
+             helper.make_node("Squeeze", ["h"], ["hs"]), helper.make_node("Squeeze", ["w"], ["ws"]),
+             helper.make_node("Mul", ["hs", "ws"], ["hw"]), _c("m1", [-1]),
+             helper.make_node("Reshape", ["hw", "m1"], ["hw1"]), _c("one", [1])]
+    if fixed_c:
+        nodes.append(_c("c", [4]))
+    else:
+        nodes.append(helper.make_node("Shape", ["x"], ["c"], start=1, end=2))
+    nodes += [helper.make_node("Concat", ["one", "c", "hw1"], ["t"], axis=0),
+              helper.make_node("Reshape", ["x", "t"], ["y"], allowzero=1)]
+    return _model(nodes, [_x([1, "C" if not fixed_c else 4, "H", "W"])], [_x([1, "c", "n"], "y")])
+
+
+def test_reshape_with_one_computed_entry_gets_minus_one():
+    """Reshape(x, Concat(1, 4, H·W)) (dynamo noopt's flatten(2) on symbolic H, W) → Reshape(x, [1, 4, -1]):
+    the element count sets the one computed entry; the shape arithmetic goes away."""
+    model = _flatten_hw_model(fixed_c=True)
+    folded = fold_only(model)
+    assert ops(folded) == ["Reshape"]
+    target = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1]))
+    assert target.tolist() == [1, 4, -1]
+    for hw in ((3, 5), (1, 1)):
+        assert_same_in_ort(model, folded, {"x": RNG.standard_normal((1, 4, *hw)).astype(np.float32)})
+
+
+def test_reshape_with_two_computed_entries_keeps_its_shape_arithmetic():
+    """Negative: C and H·W both computed (symbolic C) leave two unknowns: not one -1, untouched."""
+    model = _flatten_hw_model(fixed_c=False)
+    folded = fold_only(model)
+    assert "Concat" in ops(folded) and "Mul" in ops(folded)
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((1, 4, 3, 5)).astype(np.float32)})
+
+
+def _heads_model(variant):
+    """Attention's head split on symbolic H, W as dynamo (optimize=False) writes it: tokens
+    t = Reshape(x, Concat(1, 4, H·W)) → Transpose → MatMul(W) [1, H·W, 8] (or one 8-wide part of
+    a Split, lora_qkv), then Reshape(·, Concat(1, H·W, 2, -1)) with H·W from Shape(x) again.
+    "weight_input": W is a graph input [4, K]: the MatMul's output has H·W·K elements, and K / 2
+    is not a product of known dims."""
+    nodes = [helper.make_node("Shape", ["x"], ["h"], start=2, end=3), helper.make_node("Shape", ["x"], ["w"], start=3, end=4),
+             helper.make_node("Squeeze", ["h"], ["hs"]), helper.make_node("Squeeze", ["w"], ["ws"]),
+             helper.make_node("Mul", ["hs", "ws"], ["hw"]), _c("m1", [-1]),
+             helper.make_node("Reshape", ["hw", "m1"], ["hw1"]), _c("one", [1]), _c("c", [4]), _c("two", [2]),
+             helper.make_node("Concat", ["one", "c", "hw1"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["tok"], allowzero=1),
+             helper.make_node("Transpose", ["tok"], ["tokT"], perm=[0, 2, 1])]
+    inputs, inits = [_x([1, 4, "H", "W"])], {}
+    if variant == "split":
+        inits = {"W": RNG.standard_normal((4, 16)).astype(np.float32), "sizes": np.array([8, 8], np.int64)}
+        nodes += [helper.make_node("MatMul", ["tokT", "W"], ["qk"]),
+                  helper.make_node("Split", ["qk", "sizes"], ["q", "k"], axis=2)]
+    elif variant == "weight_input":
+        inputs.append(_x([4, "K"], "W"))
+        nodes.append(helper.make_node("MatMul", ["tokT", "W"], ["q"]))
+    else:
+        inits = {"W": RNG.standard_normal((4, 8)).astype(np.float32)}
+        nodes.append(helper.make_node("MatMul", ["tokT", "W"], ["q"]))
+    nodes += [helper.make_node("Concat", ["one", "hw1", "two", "m1"], ["t2"], axis=0),
+              helper.make_node("Reshape", ["q", "t2"], ["y"], allowzero=1)]
+    return _model(nodes, inputs, [_x(["a", "b", "c", "d"], "y")], inits)
+
+
+def _feeds(variant, h, w):
+    feeds = {"x": RNG.standard_normal((1, 4, h, w)).astype(np.float32)}
+    if variant == "weight_input":
+        feeds["W"] = RNG.standard_normal((4, 8)).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("variant", ["matmul", "split"])
+def test_head_split_on_symbolic_tokens_gets_constant_targets(variant):
+    """Reshape(q, Concat(1, H·W, 2, -1)): q's element count H·W·8 (followed from x through the
+    token Reshape, Transpose, the constant-weight MatMul and the Split) makes the -1 a 4, and then
+    H·W is the one unknown: [1, -1, 2, 4]. No shape arithmetic is left."""
+    model = _heads_model(variant)
+    folded = fold_only(model)
+    assert not {"Shape", "Concat", "Mul", "Squeeze"} & set(ops(folded)), ops(folded)
+    targets = {tuple(numpy_helper.to_array(t).tolist()) for t in folded.graph.initializer if t.data_type == TensorProto.INT64}
+    assert (1, -1, 2, 4) in targets and (1, 4, -1) in targets
+    for h, w in ((3, 5), (2, 2), (1, 1)):
+        assert_same_in_ort(model, folded, _feeds(variant, h, w))
+
+
+def test_head_split_whose_token_count_is_unknown_keeps_its_shape_arithmetic():
+    """Negative: q = tokens · W with W [4, K] a graph input: the -1 of [1, H·W, 2, -1] is K/2,
+    which no product of the inputs' dims spells, so the target keeps two unknowns and stays."""
+    model = _heads_model("weight_input")
+    folded = fold_only(model)
+    assert "Concat" in ops(folded)
+    assert_same_in_ort(model, folded, _feeds("weight_input", 3, 5))
+
+
+def test_head_merge_after_attention_gets_a_constant_target():
+    """The legacy exporter's merge of the heads, reshape(B, N, -1) with N = Shape(tokens)[1] on
+    symbolic H, W: N (a dim onnx names unk__) is followed to H·W, the attention output's
+    [1, 2, H·W, 4] through both computed MatMuls and the Transposes, so the -1 is 8: [1, -1, 8]."""
+    model = _heads_model("matmul")
+    g = model.graph
+    del g.node[-2:]  # the head split, rebuilt below with the merge after it
+    g.node.extend([
+        _c("four", [4]), helper.make_node("Concat", ["one", "hw1", "two", "four"], ["t2"], axis=0),
+        helper.make_node("Reshape", ["q", "t2"], ["q4"]),
+        helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["q4"], ["kh"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["qh", "kh"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "qh"], ["o"]),
+        helper.make_node("Transpose", ["o"], ["oT"], perm=[0, 2, 1, 3]),
+        helper.make_node("Shape", ["tokT"], ["ts"]), _c("i1", 1), helper.make_node("Gather", ["ts", "i1"], ["n"], axis=0),
+        _c("zero", [0]), helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+        helper.make_node("Concat", ["one", "n1", "m1"], ["t3"], axis=0),
+        helper.make_node("Reshape", ["oT", "t3"], ["y"])])
+    del g.output[:]
+    g.output.append(_x(["a", "b", "c"], "y"))
+    onnx.checker.check_model(model, full_check=True)
+    folded = fold_only(model)
+    assert not {"Shape", "Concat", "Mul", "Squeeze", "Gather", "Unsqueeze"} & set(ops(folded)), ops(folded)
+    targets = {tuple(numpy_helper.to_array(t).tolist()) for t in folded.graph.initializer if t.data_type == TensorProto.INT64}
+    assert (1, -1, 8) in targets
+    for h, w in ((3, 5), (1, 2)):
+        assert_same_in_ort(model, folded, _feeds("matmul", h, w))
+
+
+@pytest.mark.parametrize("target,shape,dropped", [([-1, 4], (3, 2, 2), True), ([0, 5], (2, 0), False)])
+def test_allowzero_is_dropped_from_a_target_without_zeros(target, shape, dropped):
+    """Reshape(allowzero=1) to [-1, 4] reads as allowzero=0 (the attribute only matters for a 0
+    entry): one spelling for the rules; a target with a 0 (an empty dim, not a copy) keeps it."""
+    nodes = [_c("t", target), helper.make_node("Reshape", ["x", "t"], ["y"], allowzero=1),
+             helper.make_node("Relu", ["y"], ["z"])]
+    model = _model(nodes, [_x(list(shape))], [_x(["a", "b"], "z")])
+    folded = fold_only(model)
+    reshape = next(n for n in folded.graph.node if n.op_type == "Reshape")
+    allowzero = next((a.i for a in reshape.attribute if a.name == "allowzero"), 0)
+    assert allowzero == (0 if dropped else 1)
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal(shape).astype(np.float32)})
+
+
+def _transposes(p1, p2, fan_out=False):
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=p1), helper.make_node("Transpose", ["t1"], ["t2"], perm=p2),
+             helper.make_node("Relu", ["t2"], ["y"])]
+    outs = [_x(["a", "b", "c", "d"], "y")]
+    if fan_out:
+        nodes.append(helper.make_node("Neg", ["t1"], ["z"]))
+        outs.append(_x(["a", "b", "c", "d"], "z"))
+    return _model(nodes, [_x([2, 3, 4, 5])], outs)
+
+
+@pytest.mark.parametrize("p1,p2,left", [([0, 2, 1, 3], [0, 1, 3, 2], 1), ([0, 2, 1, 3], [0, 2, 1, 3], 0),
+                                        ([3, 0, 2, 1], [1, 3, 0, 2], 1)])
+def test_transpose_of_transpose_is_one_transpose(p1, p2, left):
+    """Transpose(Transpose(x, p1), p2) → Transpose(x, p1[p2]) (attention's k.transpose(1, 2).transpose(-2, -1)
+    as the dynamo exporter writes it without its optimizer); none when that is the identity."""
+    model = _transposes(p1, p2)
+    folded = fold_only(model)
+    assert ops(folded).count("Transpose") == left
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)})
+
+
+def test_transpose_whose_inner_result_is_read_twice_stays():
+    """Negative: the inner Transpose's result has another reader: both Transposes stay."""
+    model = _transposes([0, 2, 1, 3], [0, 1, 3, 2], fan_out=True)
+    folded = fold_only(model)
+    assert ops(folded).count("Transpose") == 2
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)})
+
+
 # -- size cap -------------------------------------------------------------------------------------
 def bomb_model(n=3_200_000_000):
     """A few hundred bytes: If(max(x) > 1e30) then ReduceSum(ConstantOfShape([n])) else ReduceSum(x).

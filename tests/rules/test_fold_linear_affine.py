@@ -219,6 +219,33 @@ def test_reshape_as_via_shape_node():
     assert_equivalent(m, out, feeds=feeds)
 
 
+def _dynamic_batch_bn(back):
+    b = GraphBuilder(23)
+    x = b.input(["batch", 5, 8])
+    h = b.op("Reshape", [b.matmul(x, 8, 8), b.ints([-1, 8])])
+    return b.build(b.relu(b.op("Reshape", [b.bn(h, 8), b.ints(back)])))
+
+
+def test_dynamic_batch_reshape_back_to_the_token_axes_goes():
+    """Reshape[-1, C] → BN → Reshape[-1, N, C] on [batch, N, C] (dynamo's flatten(0, 1) and
+    reshape_as once their shape arithmetic is folded): the -1 is the batch, so the merged MatMul
+    already has that shape and no Reshape is written."""
+    m = _dynamic_batch_bn([-1, 5, 8])
+    out, report = run_rules(m, RULE)
+    assert ops(out) == {"MatMul": 1, "Add": 1, "Relu": 1}, report.declines
+    for n in (1, 3):
+        assert_equivalent(m, out, feeds={"x_1": np.random.default_rng(n).standard_normal((n, 5, 8)).astype(np.float32)})
+
+
+def test_dynamic_batch_reshape_that_regroups_tokens_stays():
+    """Negative: Reshape[-1, 10, C] of [batch·5, C] pairs tokens of two batch rows: not the token
+    axes, so the merged MatMul's output keeps a Reshape."""
+    m = _dynamic_batch_bn([-1, 10, 8])
+    out, report = run_rules(m, RULE)
+    assert ops(out) == {"MatMul": 1, "Add": 1, "Reshape": 1, "Relu": 1}, report.declines
+    assert_equivalent(m, out, feeds={"x_1": np.random.default_rng(0).standard_normal((4, 5, 8)).astype(np.float32)})
+
+
 def test_head_split_reshape_absorbs_the_regroup():
     """Dynamo's Reshape [B·N, C] → [B, N, heads, d] right after the BN: the fold feeds it directly,
     with no second Reshape."""
