@@ -338,40 +338,6 @@ def pad_of(node: gs.Node) -> LinearOp | Decline:
 
 # -- patterns runtimes fuse ----------------------------------------------------------------------
 # ops a runtime fuses with their neighbours into LayerNorm / RMSNorm / GELU kernels
-_NORM_PATH = ("Div", "Mul", "Sub", "Add", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast")
-
-
-def fused_by_runtime(t: gs.Tensor) -> str | None:
-    """Why a per-channel affine reading `t` belongs to a pattern runtimes fuse whole, or None:
-    `t` comes out of a LayerNorm/RMSNorm normalization (a Div/Mul over ReduceMean and Sqrt/Pow) or
-    out of a GELU's Erf/Tanh a few elementwise ops up. Folding that affine into a neighbour is exact
-    but breaks the runtime's LayerNorm/GELU fusion. Found by a short walk up elementwise ops."""
-    first = G.producer(t)
-    if first is None:
-        return None
-    if first.op in ("Erf", "Tanh"):
-        return "it is part of a GELU (runtimes fuse the whole pattern)"
-    if first.op not in ("Div", "Mul", "Add"):
-        return None
-    seen, frontier, ops = set(), [t], set()
-    for _ in range(6):
-        nxt = []
-        for u in frontier:
-            n = G.producer(u)
-            if n is None or id(n) in seen:
-                continue
-            seen.add(id(n))
-            ops.add(n.op)
-            if n.op in _NORM_PATH or n.op in ("Erf", "Tanh"):
-                nxt.extend(i for i in n.inputs if not isinstance(i, gs.Constant))
-        frontier = nxt
-    if "ReduceMean" in ops and ops & {"Sqrt", "Pow", "Reciprocal"}:
-        return "it is a LayerNorm/RMSNorm's own scale/shift (runtimes fuse the whole pattern)"
-    if ops & {"Erf", "Tanh"}:
-        return "it is part of a GELU (runtimes fuse the whole pattern)"
-    return None
-
-
 # -- building the replacement --------------------------------------------------------------------
 def make_conv(graph: gs.Graph, spec: K.ConvSpec, x: gs.Tensor, out: gs.Tensor, dtype, name: str) -> gs.Node:
     """A Conv (or Gemm for rank 0) computing `spec` on x into `out`, weights cast once to dtype.

@@ -46,6 +46,7 @@ import onnx_graphsurgeon as gs
 from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
+from onnxrep import patterns as P
 from onnxrep.engine import Rewrite, Rule
 
 MATRIX_OPS = ("MatMul", "Gemm", "Einsum")
@@ -134,7 +135,11 @@ def _const_and_data(node: gs.Node):
 
 def axis_affine(node: gs.Node, axis: int | None = None) -> L.Affine | str:
     """The node as y = a⊙x + c per channel on `axis` (None: the last axis) of its data input, or
-    the reason it is not one."""
+    the reason it is not one. A piece of a pattern runtimes fuse whole (GELU, LayerNorm, ...) is not
+    one: the same claim linear.affine_of honours (onnxrep.patterns)."""
+    pattern = P.claim(node)
+    if pattern is not None:
+        return P.decline_reason(node, pattern)
     if node.op == "BatchNormalization":
         aff = L.affine_of(node)
         if not aff:
@@ -291,10 +296,6 @@ class Walker:
 
     def _affine(self, node, aff: L.Affine, depth) -> Form:
         inner = self.operand(aff.x, node, depth)
-        if not inner.nodes and node.op != "BatchNormalization":
-            why = L.fused_by_runtime(aff.x)
-            if why:
-                raise NotLinear(f"{node.op} is not folded: {why}")
         cout = inner.spec.cout
         if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
             raise NotLinear("affine channel count mismatch")

@@ -121,10 +121,6 @@ class Walker:
 
     def _affine(self, node, aff: L.Affine, depth) -> Form:
         inner = self.operand(aff.x, node, depth)
-        if inner.size == 0 and node.op != "BatchNormalization":
-            why = L.fused_by_runtime(aff.x)  # a GELU's or LayerNorm's own Mul/Add: keep it whole
-            if why:
-                raise NotLinear(f"{node.op} is not folded: {why}")
         if aff.scale.size not in (1, inner.spec.cout) or aff.shift.size not in (1, inner.spec.cout):
             raise NotLinear("affine channel count mismatch")
         a, c = aff.broadcast(inner.spec.cout)

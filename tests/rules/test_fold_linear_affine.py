@@ -385,7 +385,7 @@ def test_rmsnorm_scale_is_not_folded():
     ms = b.op("ReduceMean", [b.mul(x, x)], axes=[-1])
     n = b.mul(b.op("Div", [x, b.op("Sqrt", [b.add(ms, b.const(np.float32(1e-6)))])]), b.randn((8,)))
     m = b.build(b.relu(b.matmul(n, 8, 8)))
-    declined_by(RULE, m, "LayerNorm")
+    declined_by(RULE, m, "RMSNorm")
 
 
 def test_gelu_half_is_not_folded():
