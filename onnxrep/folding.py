@@ -307,13 +307,7 @@ def _whole_slice(graph: gs.Graph, node: gs.Node) -> int:
         whole = b >= np.iinfo(np.int32).max or (_static(d) and b >= d)
         if a != 0 or not whole or (steps is not None and int(steps.reshape(-1)[i]) != 1):
             return 0
-    x, out = node.inputs[0], node.outputs[0]
-    for reader in list(out.outputs):
-        for j, t in enumerate(reader.inputs):
-            if t is out:
-                reader.inputs[j] = x
-    node.inputs.clear()
-    node.outputs.clear()
+    G.bypass(node, node.inputs[0], graph)  # not a graph output (checked above): readers read x
     return 1
 
 
@@ -662,12 +656,7 @@ def _transpose_of_transpose(graph: gs.Graph, node: gs.Node) -> int:
     composed = [p1[a] for a in p2]
     out = node.outputs[0] if node.outputs else None
     if composed == list(range(len(composed))) and out is not None and not G.is_graph_output(graph, out):
-        for reader in list(out.outputs):
-            for j, t in enumerate(reader.inputs):
-                if t is out:
-                    reader.inputs[j] = x
-        node.inputs.clear()
-        node.outputs.clear()
+        G.bypass(node, x, graph)  # the pair cancels: readers read x
     else:
         node.inputs[0] = x
         node.attrs["perm"] = composed
@@ -824,8 +813,8 @@ def _guard(limit: int, flog: FoldLog):
 # -- the folding step ------------------------------------------------------------------------------
 def _silence_onnxruntime() -> None:
     """The sessions graphsurgeon builds to fold log a failed evaluation at ERROR, in colour, on
-    stderr (G.quiet_onnxruntime keeps ERROR): a node that cannot fold just stays a node, and a
-    model that cannot run is reported by onnxrep in one line."""
+    stderr: a node that cannot fold just stays a node, and a model that cannot run is reported by
+    onnxrep in one line. (The one place onnxrep sets ORT's default logger.)"""
     try:
         import onnxruntime as ort
 

@@ -51,17 +51,6 @@ def cycle_collection_paused():
             gc.enable()
 
 
-def quiet_onnxruntime() -> None:
-    """ORT's own warnings (printed by sessions that graphsurgeon builds to fold constants) are noise
-    to onnxrep's users."""
-    try:
-        import onnxruntime as ort
-
-        ort.set_default_logger_severity(3)
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        pass
-
-
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     try:
         with cycle_collection_paused():
