@@ -278,3 +278,24 @@ def without_default_locations(model: onnx.ModelProto) -> onnx.ModelProto:
         if t.data_location == TensorProto.DEFAULT:
             t.ClearField("data_location")
     return m
+
+
+def break_fuse_conv_bn(monkeypatch) -> None:
+    """Make fuse_conv_bn (and only it) fold a wrong bias (+0.5), for the verification-failure and
+    culprit tests: merge_linear_regions folds Conv → BN with the same kernels.affine_after, so
+    breaking that function for everyone would leave no single rule to blame."""
+    import types
+
+    from onnxrep import kernels as K
+    from onnxrep.rules import fuse_conv_bn as rule_module
+
+    def broken(spec, scale, shift, **kw):
+        res = K.affine_after(spec, scale, shift, **kw)
+        res.bias = res.bias + 0.5
+        return res
+
+    class BrokenKernels(types.ModuleType):
+        def __getattr__(self, name):
+            return broken if name == "affine_after" else getattr(K, name)
+
+    monkeypatch.setattr(rule_module, "K", BrokenKernels("broken_kernels"))

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxrep
 from onnxrep import cli
 from tests.malformed_corpus import conv_bn_model, make_model
+from tests.helpers import break_fuse_conv_bn
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "onnxrep" / "data" / "demo.onnx"
@@ -347,21 +348,7 @@ def test_verification_failure_exits_4_and_names_the_rule(capfd, tmp_path, monkey
     Only fuse_conv_bn's view of the kernels is broken: merge_linear_regions folds Conv → BN with
     the same kernels.affine_after, so breaking that function for everyone leaves no single rule
     whose absence makes the outputs match, and no culprit can be named."""
-    import types
-
-    from onnxrep import kernels as K
-    from onnxrep.rules import fuse_conv_bn as rule_module
-
-    def broken(spec, scale, shift, **kw):
-        res = K.affine_after(spec, scale, shift, **kw)
-        res.bias = res.bias + 0.5
-        return res
-
-    class BrokenKernels(types.ModuleType):
-        def __getattr__(self, name):
-            return broken if name == "affine_after" else getattr(K, name)
-
-    monkeypatch.setattr(rule_module, "K", BrokenKernels("broken_kernels"))
+    break_fuse_conv_bn(monkeypatch)
     src, dst = tmp_path / "m.onnx", tmp_path / "out" / "m.opt.onnx"
     dst.parent.mkdir()
     onnx.save(conv_bn_model(), str(src))

@@ -17,6 +17,7 @@ from onnxrep import verify as V
 from onnxrep.errors import VerificationError
 from onnxrep.lean import LeanModel
 from tests.malformed_corpus import conv_bn_model
+from tests.helpers import break_fuse_conv_bn
 
 
 def split_convs_model(value_info_dims=None) -> onnx.ModelProto:
@@ -101,21 +102,7 @@ def test_culprit_search_goes_through_check_and_names_the_rule(tmp_path, calls, m
     """A broken fuse_conv_bn (folded bias off by 0.5): the failing check, then one check per
     variant (no rule at all first, which passes, so constant folding is not blamed), each without
     a culprit search of its own; fuse_conv_bn is named."""
-    import types
-
-    from onnxrep import kernels as K
-    from onnxrep.rules import fuse_conv_bn as rule_module
-
-    def broken(spec, scale, shift, **kw):
-        res = K.affine_after(spec, scale, shift, **kw)
-        res.bias = res.bias + 0.5
-        return res
-
-    class BrokenKernels(types.ModuleType):
-        def __getattr__(self, name):
-            return broken if name == "affine_after" else getattr(K, name)
-
-    monkeypatch.setattr(rule_module, "K", BrokenKernels("broken_kernels"))
+    break_fuse_conv_bn(monkeypatch)
     with pytest.raises(VerificationError) as e:
         onnxrep.optimize(conv_bn_model())
     assert e.value.culprit == "fuse_conv_bn"
@@ -218,14 +205,9 @@ def test_keep_known_dims_clears_invented_symbols_only():
     onnx.checker.check_model(m, full_check=True)
 
 
-def test_dynamo_unequal_split_output_runs_at_ort_default_level(tmp_path):
-    """Issue 12 item 3 as reported: torch.split([2,1,3]) → convs → cat, dynamo exporter with
-    optimize=False. The output passed verification, yet ORT at its default level failed on it
-    (shape inference gave all pieces one symbolic channel dim). Now it runs there and agrees; and
-    with the old value_info back, verification refuses it (exit 4, constant folding named)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxscript")
-    import onnxruntime as ort
+def export_unequal_split(torch, path) -> None:
+    """torch.split([2, 1, 3]) → one conv per piece → cat, dynamo exporter with optimize=False:
+    the issue's reproduction (SplitToSequence/SequenceAt, pieces of unequal width)."""
 
     class SplitConvs(torch.nn.Module):
         def __init__(self):
@@ -235,10 +217,22 @@ def test_dynamo_unequal_split_output_runs_at_ort_default_level(tmp_path):
         def forward(self, x):
             return torch.cat([c(p) for c, p in zip(self.convs, torch.split(x, [2, 1, 3], dim=1))], 1)
 
+    torch.onnx.export(SplitConvs().eval(), (torch.randn(1, 6, 8, 8),), str(path), dynamo=True, optimize=False)
+
+
+def test_dynamo_unequal_split_output_runs_at_ort_default_level(tmp_path):
+    """Issue 12 item 3 as reported: torch.split([2,1,3]) → convs → cat, dynamo exporter with
+    optimize=False. The output passed verification, yet ORT at its default level failed on it
+    (shape inference gave all pieces one symbolic channel dim). Now it runs there and agrees; and
+    with the old value_info back, verification refuses it (exit 4, constant folding named)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
     torch.manual_seed(0)
     src, dst = tmp_path / "split.onnx", tmp_path / "out" / "split.opt.onnx"
     dst.parent.mkdir()
-    torch.onnx.export(SplitConvs().eval(), (torch.randn(1, 6, 8, 8),), str(src), dynamo=True, optimize=False)
+    export_unequal_split(torch, src)
     assert cli.main(["optimize", str(src), str(dst), "-q"]) == 0
     x = np.random.default_rng(1).standard_normal((1, 6, 8, 8)).astype(np.float32)
     so = ort.SessionOptions()
@@ -254,17 +248,9 @@ def test_wrong_value_info_fails_verification_with_exit_4(tmp_path, monkeypatch, 
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxscript")
 
-    class SplitConvs(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.convs = torch.nn.ModuleList(torch.nn.Conv2d(k, k, 3, padding=1) for k in (2, 1, 3))
-
-        def forward(self, x):
-            return torch.cat([c(p) for c, p in zip(self.convs, torch.split(x, [2, 1, 3], dim=1))], 1)
-
     src, dst = tmp_path / "split.onnx", tmp_path / "out" / "split.opt.onnx"
     dst.parent.mkdir()
-    torch.onnx.export(SplitConvs().eval(), (torch.randn(1, 6, 8, 8),), str(src), dynamo=True, optimize=False)
+    export_unequal_split(torch, src)
     capfd.readouterr()
     # keep the exporter's SplitToSequence/SequenceAt (folding.py now rewrites it to a Split, which
     # removes the trigger) and write the value_info as main did: the deployed run must refuse it
