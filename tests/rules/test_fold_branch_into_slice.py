@@ -91,3 +91,25 @@ def test_shared_qkv_weight_declines():
     q, k = b.op("Split", [t, b.ints([C, C])], n_out=2, axis=-1)
     m = b.build(b.relu(b.add(q, lora(b, x, C, C))), b.relu(k), b.op("MatMul", [b.relu(b.input([2, 5, C])), w]))
     declined_by(RULE, m, "shared")
+
+
+def test_branch_read_elsewhere_declines():
+    """The adapter's output is also a graph output (fan-out): folding it would lose that reader."""
+    b = GraphBuilder(8)
+    x = b.relu(b.input([2, 5, C]))
+    t = b.add(b.matmul(x, C, 2 * C), b.randn((2 * C,)))
+    q, k = b.op("Split", [t, b.ints([C, C])], n_out=2, axis=-1)
+    br = lora(b, x, C, C)
+    m = b.build(b.relu(b.add(q, br)), b.relu(k), br)
+    declined_by(RULE, m, "private")
+
+
+def test_biased_branch_needs_the_linears_bias_add():
+    """A branch with a bias of its own, added to a bias-free qkv: no bias Add to take it, declined."""
+    b = GraphBuilder(9)
+    x = b.relu(b.input([2, 5, C]))
+    t = b.matmul(x, C, 2 * C)
+    q, k = b.op("Split", [t, b.ints([C, C])], n_out=2, axis=-1)
+    br = b.add(lora(b, x, C, C), b.randn((C,)))
+    m = b.build(b.relu(b.add(q, br)), b.relu(k))
+    declined_by(RULE, m, "bias")
