@@ -15,6 +15,7 @@ ORDER = (
     "remove_identities",
     "canonicalize_border_fill",
     "fuse_activations",
+    "respell_gelu",
     "fuse_conv_bn",
     "fuse_bn_conv",
     "merge_linear_regions",
