@@ -24,14 +24,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _tolerance(s: str) -> float:
+def _nonnegative(number: str, given: str, what: str) -> float:
+    """`number` as a finite float >= 0, or the argparse error naming what `given` should have been."""
     try:
-        v = float(s)
+        v = float(number)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s}") from None
+        raise argparse.ArgumentTypeError(f"not {what}: {given}") from None
     if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0: {s}")
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0: {given}")
     return v
+
+
+def _tolerance(s: str) -> float:
+    return _nonnegative(s, s, "a number")
 
 
 def _byte_count(s: str) -> int:
@@ -39,13 +44,7 @@ def _byte_count(s: str) -> int:
     text = s.strip().upper().removesuffix("IB").removesuffix("B")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
     number = text[:-1] if scale > 1 else text
-    try:
-        v = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {s} (e.g. 1073741824, 512M, 2G)") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0: {s}")
-    return int(v * scale)
+    return int(_nonnegative(number, s, "a size in bytes (e.g. 1073741824, 512M, 2G)") * scale)
 
 
 def _csv(s: str) -> list[str]:
