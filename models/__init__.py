@@ -35,6 +35,7 @@ from torch import nn
 from .acnet import ACBlock
 from .common import calibrate
 from .dbb import DiverseBranchBlock
+from .detectors import QARepVGGNet, RepC3, RepConvNet, RepNCSPELAN4
 from .expandnet import ExpandNetCL
 from .deploy import convert as to_deploy
 from .fastvit import FastViTStage, RepMixer
@@ -345,3 +346,49 @@ _register(
     "Each adapter merges into its columns of the qkv weight (loralib's MergedLinear merge; rule "
     "fold_branch_into_slice): qkv, q.kT, attn.v, proj = 4 MatMul, as without adapters; the Split "
     "stays.")
+
+# -- detector blocks (models/detectors.py)
+# SiLU is written out as Sigmoid -> Mul by every exporter form at opsets 17 and 18 (ONNX has no
+# SiLU op there); onnxrep keeps the pair whole (onnxrep.patterns) so runtimes fuse it.
+_SILU = lambda n: {"Sigmoid": n, "Mul": n}  # noqa: E731
+_register(
+    "yolov7_repconv", RepConvNet, (1, 16, 16, 16), {"Conv": 3, **_SILU(3)},
+    "YOLOv7 RepConv chain (BN eps 1e-3): 16->32 stride 2 (no identity), 32->32 with identity BN, "
+    "32->32 groups 4 with identity BN; SiLU",
+    "Each RepConv (3x3 conv-BN + 1x1 conv-BN [+ identity BN]) becomes one 3x3 Conv + SiLU "
+    "(Sigmoid, Mul); the grouped block's identity kernel is per group (not YOLOv7's "
+    "fill_diagonal_).")
+_register(
+    "yolov6_repblock", partial(RepConvNet, 16, ((32, 1, 1), (32, 1, 1), (32, 1, 1)), "relu"),
+    (1, 16, 16, 16), {"Conv": 3, "Relu": 3},
+    "YOLOv6 RepBlock: three RepVGGBlocks 16->32->32->32 (the first without identity), ReLU, "
+    "BN eps 1e-3",
+    "Each RepVGGBlock becomes one 3x3 Conv + Relu (YOLOv6's switch_to_deploy).")
+_register(
+    "qarepvgg", QARepVGGNet, (1, 16, 16, 16), {"Conv": 2, "Relu": 2},
+    "QARepVGG (YOLOv6 v3): 3x3 conv-BN + bias-free 1x1 conv [+ identity], summed, then BN, ReLU; "
+    "16->32 stride 2, 32->32",
+    "The branch sum is one 3x3 Conv and the BN after the sum scales its output channels: one "
+    "Conv + Relu per block.")
+_register(
+    "yolov9_repncspelan", partial(RepNCSPELAN4, split=True), (1, 16, 16, 16),
+    {"Conv": 14, **_SILU(14), "Add": 2, "Concat": 3, "Split": 1},
+    "YOLOv9 RepNCSPELAN4(16, 16, 16, 8, 1) (forward_split): cv1, split in two, two RepNCSP "
+    "(RepNBottleneck with RepConvN) + Conv3x3 stages, concat, cv4; SiLU, BN eps 1e-3",
+    "Every RepConvN (3x3 + 1x1 conv-BN) becomes one 3x3 Conv, every Conv absorbs its BN: 14 "
+    "Conv + SiLU (cv1, per stage RepNCSP's cv1/cv2/cv3, RepConvN, bottleneck Conv3x3, the "
+    "stage's Conv3x3, and cv4).  The Split, the 2 RepNCSP concats, the ELAN concat and the 2 "
+    "bottleneck residual Adds stay.  YOLOv9's default forward (chunk) is the same graph except "
+    "that the legacy exporter writes the chunk as 2 Slice instead of 1 Split (onnxrep keeps the "
+    "Slices; tests/test_detectors.py checks that form).")
+_register(
+    "repc3", RepC3, (1, 16, 16, 16), {"Conv": 5, **_SILU(5), "Add": 1},
+    "RT-DETR RepC3 (CSPRepLayer) 16->16, e=1: cv1, cv2 1x1 conv-BN-SiLU, 3 RepVggBlocks on cv1's "
+    "path, add, cv3 identity",
+    "Each RepVggBlock (3x3 + 1x1 conv-BN, SiLU) becomes one 3x3 Conv + SiLU; cv1/cv2 absorb "
+    "their BN; the add of the two paths stays.")
+_register(
+    "repc3_cv3", partial(RepC3, 16, 16, 3, 0.5), (1, 16, 16, 16), {"Conv": 6, **_SILU(6), "Add": 1},
+    "RT-DETR RepC3 16->16, e=0.5 (hidden 8): as repc3 with cv3 a 1x1 conv-BN-SiLU 8->16",
+    "As repc3, plus cv3: one 1x1 Conv + SiLU after the add (the add of two SiLU outputs cannot "
+    "fold into it).")
