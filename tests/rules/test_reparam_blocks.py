@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.helpers import (GraphBuilder, assert_equivalent, assert_idempotent, assert_untouched,
+from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent, assert_untouched,
                            nodes_of, ops, run_rules)
 
 C = 4
@@ -290,4 +290,65 @@ def test_ecb_mask_kernel_scaled_by_a_graph_input_is_not_merged():
     m = b.build(b.add(b.conv(x, C, C, 3), dw))
     out, report = run_rules(m)
     assert ops(out) == {"Relu": 1, "Conv": 2, "Mul": 1, "Add": 1}, report.declines
+    assert_equivalent(m, out)
+
+
+def ecb_edge_branch(b, x, k0=None, b0=None):
+    """ECB's 1x1 -> bias-filled border -> depthwise Sobel-x (scale * mask) branch, with the border
+    written Sub(b0) -> Pad -> Add(b0) (what canonicalize_border_fill makes of the slice
+    assignments). Returns (branch output, the 1x1's output)."""
+    k0 = k0 or b.randn((C, C, 1, 1), scale=0.5)
+    b0 = b0 or b.randn((C,), scale=0.5)
+    y0 = b.op("Conv", [x, k0, b0], kernel_shape=[1, 1], pads=[0, 0, 0, 0])
+    fill = b.const(initializer_of(b, b0).reshape(1, C, 1, 1))
+    padded = b.add(b.pad(b.sub(y0, fill), [0, 0, 1, 1, 0, 0, 1, 1]), fill)
+    scale = b.randn((C, 1, 1, 1), scale=0.5)
+    mask = b.const(np.tile(np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], float), (C, 1, 1, 1)))
+    dw = b.op("Conv", [padded, b.mul(scale, mask), b.randn((C,), scale=0.1)], kernel_shape=[3, 3],
+              pads=[0, 0, 0, 0], group=C)
+    return dw, y0
+
+
+def initializer_of(b, name):
+    return next(numpy_helper.to_array(t) for t in b.initializers if t.name == name)
+
+
+def test_ecb_edge_branch_merges_with_the_3x3():
+    """3x3(x) + dw Sobel(fill_b0(1x1(x))) -> PRelu: one 3x3 Conv + PRelu."""
+    b = GraphBuilder(14)
+    x = b.relu(b.input(X))
+    dw, _ = ecb_edge_branch(b, x)
+    m = b.build(b.op("PRelu", [b.add(b.conv(x, C, C, 3), dw), b.const(np.full((C, 1, 1), 0.25))]))
+    out, report = run_rules(m)
+    assert ops(out) == {"Relu": 1, "Conv": 1, "PRelu": 1}, report.declines
+    assert_equivalent(m, out)
+
+
+def test_ecb_fan_out_of_the_1x1_keeps_the_branch():
+    """The 1x1's output is also a graph output: the edge branch cannot become a conv of x."""
+    b = GraphBuilder(15)
+    x = b.relu(b.input(X))
+    dw, y0 = ecb_edge_branch(b, x)
+    m = b.build(b.op("PRelu", [b.add(b.conv(x, C, C, 3), dw), b.const(np.full((C, 1, 1), 0.25))]), y0)
+    out, report = run_rules(m)
+    # the 1x1, the 3x3 and the edge branch's own conv (its Pad and fill shift folded in) stay three,
+    # summed by an Add
+    assert ops(out)["Conv"] == 3 and ops(out)["Add"] == 1, ops(out)
+    assert_declined(report, "merge_linear_regions", "graph output")
+    assert_equivalent(m, out)
+
+
+def test_ecb_shared_1x1_weight_still_merges():
+    """The 1x1's weight is also read by a conv outside the block: the block merges, the other conv
+    keeps the original weight."""
+    b = GraphBuilder(16)
+    x = b.relu(b.input(X))
+    k0 = b.randn((C, C, 1, 1), scale=0.5)
+    dw, _ = ecb_edge_branch(b, x, k0=k0)
+    other = b.op("Conv", [b.relu(b.input(X)), k0], kernel_shape=[1, 1], pads=[0, 0, 0, 0])
+    m = b.build(b.add(b.conv(x, C, C, 3), dw), other)
+    out, report = run_rules(m)
+    assert ops(out) == {"Relu": 2, "Conv": 2}, report.declines
+    assert any(k0 == n.input[1] for n in nodes_of(out, "Conv"))
+    np.testing.assert_array_equal(initializer(out, k0), initializer(m, k0))
     assert_equivalent(m, out)
