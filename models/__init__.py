@@ -361,6 +361,15 @@ _register(
     "four affines: Conv 2, HardSwish 2, Mul 4, Add 4.",
     deploy_conv_out_channels=(16, 16, 16))
 _register(
+    "pplcnet_s2", partial(LCNetV3Pair, 16, 32, stride=2), (1, 16, 16, 16), {"Conv": 3, "HardSwish": 1},
+    "PP-LCNetV3 downsampling pair: depthwise 3x3 stride-2 LearnableRepLayer (no identity, no "
+    "activation: LCNetV3 skips it at stride 2) then pointwise 1x1 16->32",
+    "dw branches + scalar affine -> one dw 3x3 s2 Conv; that Conv is not composed with the pw 1x1 "
+    "(a dense 3x3 s2 would cost 6x the MACs+elements: declined with the figures); pw -> one Conv "
+    "+ HardSwish; its trailing scalar affine -> a depthwise 1x1 Conv.  PaddleClas's deploy: Conv 2, "
+    "HardSwish 1, Mul 3, Add 3.",
+    deploy_conv_out_channels=(16, 32, 32))
+_register(
     "orepa", OREPANet, (1, 8, 16, 16), {"Conv": 2, "Relu": 2},
     "OREPA: two blocks (8->16, 16->16 stride 2) whose 3x3 kernel is computed in forward from six "
     "branches scaled per output channel, one conv, trailing BN, ReLU",
