@@ -222,11 +222,9 @@ def test_orepa_affine_on_a_spatial_axis_after_the_conv_stays():
 
 
 # -- ECB: bias-filled border, fixed-mask depthwise kernels, PReLU ------------------------------------
-torch = pytest.importorskip("torch")
-
-
 def _export_ecb(tmp_path, cin=2, cout=4, with_idt=False, fill=None, seed=0, form="legacy"):
     """Export one ECB (models/ecb.py) with torch; `fill` replaces its border value (b0) if given."""
+    torch = pytest.importorskip("torch")
     import models.ecb as ecb
     from models.export import export_onnx
 
