@@ -208,7 +208,7 @@ def test_open_model_reads_every_export_as_onnx_does(exports, name, form):
     assert without_default_locations(lean.materialize()) == without_default_locations(model)
 
 
-@pytest.mark.parametrize("name", ["repvgg", "dbb_slice", "mobileone"])
+@pytest.mark.parametrize("name", ["repvgg", "dbb_slice", "mobileone", "pplcnet", "orepa", "ecb"])
 def test_all_forms_reach_the_same_graph(exports, tmp_path, name):
     """Every exporter form of one model optimizes to the same op histogram and outputs."""
     import onnxrep
