@@ -36,10 +36,13 @@ from .acnet import ACBlock
 from .common import calibrate
 from .dbb import DiverseBranchBlock
 from .detectors import QARepVGGNet, RepC3, RepConvNet, RepNCSPELAN4
+from .ecb import ECBNet
 from .expandnet import ExpandNetCL
 from .deploy import convert as to_deploy
 from .fastvit import FastViTStage, RepMixer
 from .mobileone import MobileOneNet, MobileOneSENet
+from .orepa import OREPANet
+from .pplcnet import LCNetV3Pair
 from .repghost import RepGhostModule
 from .replknet import ReparamLargeKernelConv, RepLKBlock
 from .repvgg import RepVGG
@@ -392,3 +395,39 @@ _register(
     "RT-DETR RepC3 16->16, e=0.5 (hidden 8): as repc3 with cv3 a 1x1 conv-BN-SiLU 8->16",
     "As repc3, plus cv3: one 1x1 Conv + SiLU after the add (the add of two SiLU outputs cannot "
     "fold into it).")
+# -- PP-LCNetV3, OREPA, ECB (models/pplcnet.py, models/orepa.py, models/ecb.py)
+_register(
+    "pplcnet", LCNetV3Pair, (1, 16, 16, 16), {"Conv": 3, "HardSwish": 2},
+    "PP-LCNetV3 pair: depthwise 3x3 and pointwise 1x1 LearnableRepLayers (4 conv branches + 1x1 + "
+    "identity BN, scalar affine, HardSwish, scalar affine), 16 channels",
+    "Each layer's branches + the scalar affine after their sum -> one Conv (dw 3x3 g=16, pw 1x1); "
+    "the dw layer's post-HardSwish scalar affine folds forward into the unpadded pw Conv; the pw "
+    "layer's trailing one (Mul, Add) becomes a depthwise 1x1 Conv (the cost model rates one "
+    "per-channel conv below two elementwise ops).  PaddleClas's own deploy (build_deploy) keeps all "
+    "four affines: Conv 2, HardSwish 2, Mul 4, Add 4.",
+    deploy_conv_out_channels=(16, 16, 16))
+_register(
+    "pplcnet_s2", partial(LCNetV3Pair, 16, 32, stride=2), (1, 16, 16, 16), {"Conv": 3, "HardSwish": 1},
+    "PP-LCNetV3 downsampling pair: depthwise 3x3 stride-2 LearnableRepLayer (no identity, no "
+    "activation: LCNetV3 skips it at stride 2) then pointwise 1x1 16->32",
+    "dw branches + scalar affine -> one dw 3x3 s2 Conv; that Conv is not composed with the pw 1x1 "
+    "(a dense 3x3 s2 would cost 6x the MACs+elements: declined with the figures); pw -> one Conv "
+    "+ HardSwish; its trailing scalar affine -> a depthwise 1x1 Conv.  PaddleClas's deploy: Conv 2, "
+    "HardSwish 1, Mul 3, Add 3.",
+    deploy_conv_out_channels=(16, 32, 32))
+_register(
+    "orepa", OREPANet, (1, 8, 16, 16), {"Conv": 2, "Relu": 2},
+    "OREPA: two blocks (8->16, 16->16 stride 2) whose 3x3 kernel is computed in forward from six "
+    "branches scaled per output channel, one conv, trailing BN, ReLU",
+    "The kernel computation (Einsum, Gather, Pad, Add, Reshape over initializers; folded to one "
+    "initializer by the legacy exporter's folding) is constant-folded, the trailing BN folds into "
+    "the conv: one Conv + Relu per block, as OREPA's own conversion.")
+_register(
+    "ecb", ECBNet, (1, 4, 16, 16), {"Conv": 2, "PRelu": 2},
+    "ECBSR's edge-oriented blocks: 3x3 + 1x1->3x3 + 1x1->Sobel-x/Sobel-y/Laplacian (depthwise, "
+    "scale * fixed mask) with the bias-filled border by slice assignment, PReLU (4->8, 8->8 with "
+    "identity)",
+    "Each slice-assigned border (Pad + 4 ScatterND writing the 1x1's bias) is the border a padded "
+    "1x1 would produce, so every sequential branch is one padded 3x3 conv of the input; with the "
+    "3x3 and the identity: one 3x3 Conv + PRelu per block (ECBSR's rep_params).  Dynamic axes: "
+    "the same gap as dbb_slice (tests/test_zoo.py KNOWN_GAPS).")

@@ -267,8 +267,12 @@ def test_demo_file_is_the_calibrated_repvgg():
 # hand-written deploy forms (each block's switch_to_deploy, the paper's conversion)
 
 #: where the paper's own deploy form keeps more than onnxrep's deploy_ops (see the model docs):
-#: RepLKNet's structural_reparam leaves the pre-BN; FastViT keeps the ConvFFN's layer scale.
-HANDWRITTEN_EXTRA = {"replknet": {"BatchNormalization": 1}, "fastvit_stage": {"Mul": 2}}
+#: RepLKNet's structural_reparam leaves the pre-BN; FastViT keeps the ConvFFN's layer scale;
+#: PaddleClas's rep() keeps PP-LCNetV3's four scalar affines (Mul, Add), where onnxrep folds three
+#: and writes the last as a depthwise 1x1 Conv (hence one Conv fewer).
+HANDWRITTEN_EXTRA = {"replknet": {"BatchNormalization": 1}, "fastvit_stage": {"Mul": 2},
+                     "pplcnet": {"Conv": -1, "Mul": 4, "Add": 4},
+                     "pplcnet_s2": {"Conv": -1, "Mul": 3, "Add": 3}}
 #: transformer entries: the exporters write a hand-converted Linear's bias and shape arithmetic in
 #: their own way (Gemm or MatMul + Add, Concat of shapes), so the op-by-op comparison with LeViT's
 #: fuse() and loralib's merge() exports lives in tests/rules/test_matmul_zoo.py, where it is
