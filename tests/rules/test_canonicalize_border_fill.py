@@ -267,11 +267,10 @@ def test_idempotent():
     assert_idempotent(out, RULE)
 
 
-# -- symbolic batch (issue: the user can fix it, so say how) ---------------------------------------
-def test_symbolic_batch_slice_assignment_names_the_fix(tmp_path):
-    """Legacy export of DBB with a dynamic batch: ScatterND indices come from Shape(batch). The
-    region stays unmerged, and the summary (not only --explain) says to pin the batch; pinning it
-    gives one Conv."""
+# -- symbolic dims: proven for every value, not pinned ------------------------------------------------
+def test_symbolic_batch_slice_assignment_merges(tmp_path):
+    """Legacy export of DBB with a dynamic batch (ScatterND indices computed from Shape(batch)):
+    the CLI merges it into one Conv that keeps the symbolic batch, with no note to pin it."""
     import subprocess
     import sys
 
@@ -280,19 +279,13 @@ def test_symbolic_batch_slice_assignment_names_the_fix(tmp_path):
 
     entry = models.ZOO["dbb_slice"]
     src = export_onnx(entry.build(), entry.input_shape, tmp_path / "dbb.onnx", "legacy", dynamic_batch=True)
-    run = [sys.executable, "-m", "onnxrep", "optimize", str(src)]
-    out = subprocess.run(run + [str(tmp_path / "a.onnx")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    notes = [line for line in out.stdout.splitlines() if line.startswith("note:")]
-    pin = f"--input-shape input:1,{','.join(map(str, entry.input_shape[1:]))}"
-    assert len(notes) == 1 and pin in notes[0] and "dynamo exporter" in notes[0], out.stdout
-    assert ops(onnx.load(tmp_path / "a.onnx")).get("ScatterND", 0) > 0
-
-    out = subprocess.run(run + [str(tmp_path / "b.onnx"), "--input-shape", pin.split()[1]],
+    out = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(src), str(tmp_path / "a.onnx")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "note:" not in out.stdout
-    assert ops(onnx.load(tmp_path / "b.onnx")) == {"Conv": 1}
+    model = onnx.load(tmp_path / "a.onnx")
+    assert ops(model) == {"Conv": 1}
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
 def test_constant_indices_give_no_batch_hint():
