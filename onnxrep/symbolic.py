@@ -92,6 +92,10 @@ class Lin:
     def ge(self, other) -> bool:
         return (self - Lin.of(other)).nonneg()
 
+    def subs(self, env: dict[str, int]) -> int:
+        """The value for given symbol values."""
+        return self.const + sum(c * env[s] for s, c in self.coefs)
+
     def __str__(self) -> str:
         parts = [(f"{c}*{s}" if c != 1 else s) for s, c in self.coefs]
         if self.const or not parts:
@@ -144,6 +148,20 @@ class Sym:
         if not self.numeric or shape is None:
             raise Unknown("value depends on the symbolic dims")
         return np.broadcast_to(self.num, shape)
+
+    def instantiate(self, env: dict[str, int]) -> np.ndarray:
+        """The concrete tensor for given symbol values (for tests: the proof never samples)."""
+        shape = tuple(d.subs(env) for d in self.shape)
+        out = np.broadcast_to(self.num, shape).astype(self.num.dtype)
+        for k, a in self.terms.items():
+            if k is None:
+                continue
+            if k[0] == "s":
+                out = out + np.broadcast_to(a, shape) * env[k[1]]
+            else:
+                ar = np.arange(shape[k[1]]).reshape([-1 if i == k[1] else 1 for i in range(len(shape))])
+                out = out + np.broadcast_to(a, shape) * ar
+        return np.broadcast_to(out, shape)
 
     def lins(self) -> list[Lin]:
         """A 1-D (or 0-D) static-length int tensor as its list of Lins (a shape vector)."""
