@@ -5,7 +5,9 @@
 
 The legacy exporter writes the ScatterNDs directly; the dynamo exporter moves each sliced axis to
 the front with Transposes around them. Transposes inside the chain are followed too, as long as
-their net permutation is the identity.
+their net permutation is the identity. Without its optimizer the dynamo exporter also copies each
+assignment back over the whole padded tensor (ScatterND(t, Range(0, N), assigned(t)): t feeds
+both); such a copy is followed through its updates when its indices provably cover all of t.
 
 Both compute "y in the interior, c[channel] on the border". The Sub/Pad/Add form is the one the
 linear-region walk understands: when y = conv1×1(x) + b with b = c (DBB's BN-and-pad), the
@@ -13,9 +15,22 @@ Sub cancels the bias, the Pad moves onto x, and the Add restores the border, so 
 conv composes exactly. The rewrite is exact for any y; it also replaces k ScatterNDs by two
 element-wise ops.
 
-Checked by replaying the ScatterNDs (constant indices and updates) on a marker array of the padded
-shape: every border element must be written, with a value that depends on the channel only, and
-no interior element may be written.
+Checked, on a static shape with constant indices and updates, by replaying the ScatterNDs on a
+marker array of the padded shape: every border element must be written, with a value that depends
+on the channel only, and no interior element may be written.
+
+On symbolic dims (a dynamic batch, H or W) the exporters compute the indices and updates from
+Shape(...) of the padded tensor or of the input. Then the proof holds for every value of the dims,
+without sampling (onnxrep.symbolic): the index arithmetic is evaluated as affine functions of the
+symbols and of the index's own coordinates; each ScatterND must write a grid (each index component
+runs over one axis of the indices: a constant, a list, or a range b + i); the padded tensor's axes
+are cut into pieces every write covers whole or not at all (a static axis element by element; a
+symbolic padded axis of size D = X + p + q into its p leading positions, the interior [p, D - q) and
+its q trailing positions; a symbolic unpadded axis, the batch, whole), and the chain is replayed on
+one marker per piece. The fill must be a constant per channel (Expand of a constant to a symbolic
+shape is). Nodes that only compute those indices and updates (Shape of the padded tensor, Range,
+Expand, ...) may read the chain's tensors and are removed with it; any other reader is fan-out.
+What cannot be shown for every value of the dims is declined, naming --input-shape.
 """
 from __future__ import annotations
 
@@ -250,7 +265,7 @@ def _check_symbolic(match, lin, ctx) -> str | None:
         data, idx, upd = n.inputs
         index = ev.value(idx)
         k = index.shape[-1].static if index.rank else None
-        if k is None or k > r:
+        if k is None or not 1 <= k <= r:
             return "ScatterND indices of unknown depth"
         fill = None
         if id(upd) not in layouts:
@@ -274,7 +289,7 @@ def _check_symbolic(match, lin, ctx) -> str | None:
             a = lay[j]
             sets[a] = _positions(c, deps[j], index)
             box[a] = axes[a].atoms(sets[a])
-        values = _fill_values(fill, lay, k, index.rank - 1, comps, deps, sets)
+        values = _fill_values(fill, lay, k, index.rank - 1, deps, sets)
         if isinstance(values, str):
             return values
         out = src.copy()
@@ -408,7 +423,7 @@ def _positions(comp, deps: set, index) -> tuple:
     raise S.Unknown(f"ScatterND index {base} + {step}·i over a symbolic axis")
 
 
-def _fill_values(upd, lay, k, q, comps, deps, sets):
+def _fill_values(upd, lay, k, q, deps, sets):
     """{channel: value} a fill ScatterND writes, or the reason it is not one value per channel."""
     if not upd.numeric or upd.num.dtype.kind != "f":
         return "ScatterND updates are not constant (they depend on the symbolic dims)"
