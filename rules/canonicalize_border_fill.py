@@ -493,6 +493,8 @@ def _support(match, ctx) -> str | None:
 def _hint_pin_shape(ctx) -> None:
     """One note per run, in the summary (not only --explain): the user can fix this one."""
     dynamic = [t for t in ctx.graph.inputs if t.shape is not None and any(not isinstance(d, int) for d in t.shape)]
+    if not dynamic:
+        return  # nothing to pin: the decline reason says what failed
     example = ""
     if len(dynamic) == 1 and all(isinstance(d, int) for d in dynamic[0].shape[1:]):
         t = dynamic[0]
