@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+import pytest
 import onnx
 
 from tests.helpers import (assert_equivalent, assert_idempotent, assert_untouched, declined_by,
@@ -476,3 +477,37 @@ def test_symbolic_padded_tensor_read_elsewhere_declined():
     t0 = b.pad(b.relu(x), [0, 0, 1, 1, 0, 0, 1, 1])
     t = fill_sides(b, t0, 1, np.arange(C, dtype=np.float64))
     declined_folded(b.build(b.relu(t), b.relu(t0)), "also read by")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_symbolic_fill_variants_fire_only_when_exact(seed):
+    """Seeded variants (pads 1–2 per side, assignment widths off by one, one side with other values,
+    symbolic or static N/H/W, assignments in any order, copied back or not): the rule fires exactly
+    when the assignments fill the border with one value per channel, and the result then equals
+    the input model at several sizes."""
+    rng = np.random.default_rng(100 + seed)
+    pads = [int(v) for v in rng.integers(1, 3, 4)]  # top, left, bottom, right
+    widths = [p + int(rng.choice([0, 0, 0, 1, -1])) if p > 1 else p + int(rng.choice([0, 0, 0, 1]))
+              for p in pads]
+    dims = ["N" if rng.random() < 0.7 else 2, C, "H" if rng.random() < 0.6 else H, "W" if rng.random() < 0.6 else W]
+    vals = rng.standard_normal(C)
+    odd = int(rng.integers(0, 4)) if rng.random() < 0.25 else -1  # a side written with other values
+    b = GraphBuilder(seed)
+    x = b.input(dims)
+    t = b.pad(b.relu(x), [0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]])
+    sides = [(2, 0, widths[0]), (3, 0, widths[1]), (2, -widths[2], END), (3, -widths[3], END)]
+    write = assign_by_copy if rng.random() < 0.3 else assign
+    for i in rng.permutation(4):
+        axis, start, end = sides[i]
+        t = write(b, t, axis, start, end, vals + (1.0 if i == odd else 0.0))
+    model = b.build(b.relu(t))
+    out, report = run_rules(model, RULE)
+    exact = widths == pads and odd < 0
+    assert report.rule_counts.get(RULE, 0) == (1 if exact else 0), (pads, widths, odd, dims, report.declines)
+    if exact:
+        assert "ScatterND" not in ops(out)
+        for n, h, w in [(1, 1, 1), (3, 4, 2), (2, 7, 5)]:
+            shape = [n if d == "N" else d for d in dims]
+            shape = [shape[0], C, h if dims[2] == "H" else H, w if dims[3] == "W" else W]
+            assert_equivalent(model, out, feeds={model.graph.input[0].name:
+                                                 np.random.default_rng(n).standard_normal(shape).astype(np.float32)})
