@@ -85,7 +85,7 @@ class CanonicalizeBorderFill(Rule):
             reason = _check_symbolic(match, lin, ctx)
         except _Reject as e:
             return str(e)
-        except (ValueError, IndexError, KeyError) as e:  # a pattern this analysis does not expect: leave it
+        except (ValueError, IndexError, KeyError, TypeError) as e:  # a pattern this analysis does not expect
             return f"cannot analyse the border fill ({type(e).__name__}: {e})"
         except S.Unknown as e:
             _hint_pin_shape(ctx)
