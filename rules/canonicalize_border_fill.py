@@ -128,7 +128,8 @@ class CanonicalizeBorderFill(Rule):
         pad, chain, vals = match.pad, match.chain, match.values
         rank = len(match.layouts[id(pad.outputs[0])])
         dtype = L.data_dtype(pad.outputs[0], *[n.inputs[2] for n in chain if n.op == "ScatterND"])
-        c = G.new_constant(ctx.graph, f"{pad.name}/border_value", vals.astype(dtype).reshape((1, -1) + (1,) * (rank - 2)))
+        c = G.new_constant(ctx.graph, f"{pad.name}/border_value",
+                           vals.astype(dtype).reshape((1, -1) + (1,) * (rank - 2)))
         y = pad.inputs[0]
         out = chain[-1].outputs[0]
         shifted = G.new_variable(ctx.graph, f"{pad.name}/minus_border", dtype=out.dtype, shape=y.shape)

@@ -54,7 +54,8 @@ def test_dynamo_row_index():
     x = b.input(["N", 3, "H", "W"])
     d = b.add(shape_of(b, x, 2), b.ints(np.array(2)))
     rng = b.op("Range", [b.ints(np.array(0)), d, b.ints(np.array(1))])
-    last = b.op("Unsqueeze", [b.op("Slice", [rng, b.ints([-1]), b.ints([END]), b.ints([0]), b.ints([1])]), b.ints([-1])])
+    last = b.op("Unsqueeze", [b.op("Slice", [rng, b.ints([-1]), b.ints([END]), b.ints([0]), b.ints([1])]),
+                              b.ints([-1])])
     first = b.op("Unsqueeze", [b.op("Slice", [rng, b.ints([0]), b.ints([1]), b.ints([0]), b.ints([1])]), b.ints([-1])])
     check_against_ort(b, x, last, first, rng)
     model = b.build(last)
