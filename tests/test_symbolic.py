@@ -129,3 +129,21 @@ def test_refusals():
     for what, name in cases.items():
         with pytest.raises(S.Unknown):
             evaluate(model, name)
+
+
+def test_data_shapes_onnx_leaves_unnamed():
+    """onnx names no dim for a Conv over symbolic H, W; the evaluator derives it (stride 1: X + pads
+    - dilation·(k-1)), through Pad and same-shape ops, and gives up on a stride-2 symbolic dim."""
+    b = GraphBuilder(5)
+    x = b.input(["N", 3, "H", "W"])
+    c1 = b.conv(x, 3, 5, k=3, pad=1)
+    c2 = b.conv(b.relu(c1), 5, 4, k=3, pad=0, dil=2)
+    p = b.pad(c2, [0, 0, 1, 2, 0, 0, 3, 0])
+    s2 = b.conv(p, 4, 4, k=1, stride=2)
+    model = b.build(p, s2)
+    graph = gs.import_onnx(model)
+    ev = S.Evaluator()
+    n, h, w = S.Lin.of("N"), S.Lin.of("H"), S.Lin.of("W")
+    assert ev._data_shape(graph.tensors()[c1]) == (n, S.Lin(5), h, w)
+    assert ev._data_shape(graph.tensors()[p]) == (n, S.Lin(4), h - 4 + 4, w - 4 + 2)
+    assert ev._data_shape(graph.tensors()[s2]) is None
