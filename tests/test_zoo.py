@@ -30,17 +30,11 @@ LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 DYNAMIC_FAST = {"repvgg", "split_concat", "dbb_subpadadd", "mobileone", "repmlp", "fastvit"}
 DYNAMO_DYNAMIC_FAST = {"repvgg", "split_concat"}
 
-_SLICE_FILL = ("the slice assignment's ScatterND border fill is computed from the symbolic dims: "
-               "not constant (or the padded tensor is read twice), so canonicalize_border_fill declines; "
-               "pinning the shape with --input-shape merges it, except dynamo-noopt (a padded tensor feeds two "
-               "slice assignments)")
 #: cells that do not reach the deploy form, and why; each still optimizes (or is refused) correctly,
 #: and a cell that starts reaching it fails, so this list only shrinks
-KNOWN_GAPS = {(name, form, axes): _SLICE_FILL
-              for name in ("dbb_slice", "ecb") for form in FORMS for axes in ("batch", "hw")}
-KNOWN_GAPS.update({(name, form, "hw"): "the legacy exporter bakes the traced 16x16 into the slice "
-                   "assignment's Expand: the export itself only runs at that size (exit 3 at 32x32)"
-                   for name in ("dbb_slice", "ecb") for form in FORMS if form.startswith("legacy")})
+KNOWN_GAPS = {(name, form, "hw"): "the legacy exporter bakes the traced 16x16 into the slice "
+              "assignment's Expand: the export itself only runs at that size (exit 3 at 32x32)"
+              for name in ("dbb_slice", "ecb") for form in FORMS if form.startswith("legacy")}
 
 
 def _cells():
