@@ -402,7 +402,7 @@ _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.I
 #: ops whose output has the shape of their first input
 _SAME_SHAPE = {"BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Identity", "Cast", "CastLike",
                "Dropout", "Neg", "Clip", "HardSwish", "HardSigmoid", "Erf", "Sqrt", "Softplus", "Elu",
-               "InstanceNormalization", "ScatterND"}
+               "InstanceNormalization", "ScatterND", "PRelu", "Selu", "Mish", "Gelu", "Exp", "Abs"}
 
 
 class Evaluator:

@@ -147,3 +147,16 @@ def test_data_shapes_onnx_leaves_unnamed():
     assert ev._data_shape(graph.tensors()[c1]) == (n, S.Lin(5), h, w)
     assert ev._data_shape(graph.tensors()[p]) == (n, S.Lin(4), h - 4 + 4, w - 4 + 2)
     assert ev._data_shape(graph.tensors()[s2]) is None
+
+
+def test_data_shapes_through_prelu():
+    """PRelu's output has its input's shape (the slope broadcasts to it): ECB's second block pads the
+    output of a 1x1 conv over the first block's PRelu, whose dims onnx leaves unnamed."""
+    b = GraphBuilder(6)
+    x = b.input(["N", 3, "H", "W"])
+    act = b.op("PRelu", [b.conv(x, 3, 4, k=3, pad=1), b.const(np.full((4, 1, 1), 0.25))])
+    p = b.pad(b.conv(act, 4, 4, k=1), [0, 0, 1, 1, 0, 0, 1, 1])
+    model = b.build(p)
+    graph = gs.import_onnx(model)
+    n, h, w = S.Lin.of("N"), S.Lin.of("H"), S.Lin.of("W")
+    assert S.Evaluator()._data_shape(graph.tensors()[p]) == (n, S.Lin(4), h + 2, w + 2)
