@@ -104,10 +104,11 @@ def run(graph: gs.Graph, rules: list[Rule], ctx: Context, max_sweeps: int = 32) 
     fired); each rewrite then costs the engine work proportional to what it touched, never a pass
     over the graph, so a sweep is O(nodes + size of the rewrites)."""
     ctx.rules = tuple(r.name for r in rules)
-    ctx.patterns = P.Index(graph)
     try:
-        with G.cycle_collection_paused(), P.protecting(ctx.patterns):
-            return _run(graph, rules, ctx, max_sweeps)
+        with G.cycle_collection_paused():
+            ctx.patterns = P.Index(graph)  # per-node objects too: no full collection while it is built
+            with P.protecting(ctx.patterns):
+                return _run(graph, rules, ctx, max_sweeps)
     finally:
         ctx.patterns = None  # it holds the graph: Rewritten.release must be able to drop it
 
@@ -132,7 +133,7 @@ def _sweep_rule(graph: gs.Graph, rule: Rule, ctx: Context, releaser: W.Releaser)
     candidates = [n for n in graph.nodes if not rule.anchors or n.op in rule.anchors]
     if rule.outputs_first:
         candidates.reverse()
-    releaser.begin_sweep(graph.nodes)
+    releaser.begin_sweep(graph.nodes, lazy=True)
     for node in candidates:
         if not node.outputs:  # removed by an earlier rewrite in this sweep
             continue
@@ -146,6 +147,7 @@ def _sweep_rule(graph: gs.Graph, rule: Rule, ctx: Context, releaser: W.Releaser)
         nodes, tensors = _parts(node, m)
         before = _state(nodes, tensors)
         watched = releaser.watch(nodes)
+        releaser.before_rewrite()
         count = len(graph.nodes)
         rw = rule.rewrite(m, ctx)
         if rw is None:

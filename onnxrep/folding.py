@@ -835,12 +835,54 @@ def fold_constants(graph: gs.Graph, options: FoldOptions | None = None) -> None:
     G.read_folded_weights(graph)
     guard = _guard(options.fold_limit, fold_log(graph))
     _fold_subgraphs(graph, guard, options.fold_limit)
+    if not _graphsurgeon_would_fold(graph, guard):  # its pass would copy the whole graph to change nothing
+        if any(True for node in graph.nodes for _ in node.subgraphs()):
+            G.tidy(graph)  # subgraphs _fold_subgraphs may have folded; the main graph is tidy already
+        return
     try:
-        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
-                             size_threshold=options.fold_limit, should_exclude_node=guard)
+        # the copy it makes is garbage when it returns; no object of it is worth a full collection
+        with G.cycle_collection_paused():
+            graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
+                                 size_threshold=options.fold_limit, should_exclude_node=guard)
     except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
         log.debug("constant folding stopped: %s", e)
     G.tidy(graph)
+
+
+_NEVER_FOLDED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}  # graphsurgeon's own list
+
+
+def _graphsurgeon_would_fold(graph: gs.Graph, guard) -> bool:
+    """Whether graphsurgeon's fold_constants (as fold_constants calls it) could change `graph`.
+    It starts by copying the whole graph (every node and tensor), then evaluates the nodes whose
+    inputs are all constants, and their descendants. Where no node qualifies it changes nothing,
+    except in three cases it handles on the graph itself, answered True here: Constant nodes (it
+    lowers them into constant tensors), an If with a constant condition (flattened) and local
+    functions (folded in turn). A node qualifies as in graphsurgeon 0.6.1's is_foldable: not a
+    (de)quantize op, every non-empty input a constant, every tensor its subgraphs read from
+    outside constant, no attribute reference, and not excluded by `guard` (asked, as graphsurgeon
+    asks it, only for nodes that pass the rest, so its notes of tensors over the fold limit are
+    the same)."""
+    if graph.functions:
+        return True
+    for node in graph.nodes:
+        if node.op == "Constant":
+            return True
+        if node.op == "If" and node.inputs and isinstance(node.inputs[0], gs.Constant):
+            return True
+    for node in graph.nodes:
+        if node.op in _NEVER_FOLDED:
+            continue
+        if not all(isinstance(t, gs.Constant) for t in node.inputs if not t.is_empty()):
+            continue
+        if not all(isinstance(t, gs.Constant) for sub in node.subgraphs()
+                   for t in sub._foreign_tensors().values() if not t.is_empty()):
+            continue
+        if any(isinstance(v, gs.Node.AttributeRef) for v in node.attrs.values()):
+            continue
+        if not guard(node):
+            return True
+    return False
 
 
 def _fold_subgraphs(graph: gs.Graph, guard, limit: int, depth: int = 0) -> None:

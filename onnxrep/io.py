@@ -344,7 +344,10 @@ def stage_model(model: "onnx.ModelProto | LeanModel", path: str | os.PathLike, e
     staged = StagedOutput(out, parent, data_file_name(out) if external else None)
     try:
         try:
-            (_save_external(lean, staged.path, staged.data_name) if external else _save_inline(lean, staged.path))
+            if external:
+                _save_external(lean, staged.path, staged.data_name)
+            elif not _save_inline(lean, staged.path):
+                staged.references = set()  # an inline file naming no data file: commit need not read it back
             if external and (staged.dir / staged.data_name).stat().st_size == 0:
                 os.unlink(staged.dir / staged.data_name)  # no weight went there: nothing names it
                 staged.data_name = None
@@ -393,6 +396,7 @@ class StagedOutput:
 
     def __init__(self, out: Path, parent: Path, data_name: str | None):
         self.out, self.parent, self.data_name = out, parent, data_name
+        self.references: set[str] | None = None  # data files the staged .onnx names, when known without reading it
         self._fd = None
         self.committed = False
         _sweep_stale(parent)
@@ -418,7 +422,10 @@ class StagedOutput:
         blocked = _block_signals()
         try:
             with _directory_lock(self.parent):
-                old_refs = _data_references(self.out)
+                # read only to know whether OUTPUT.data was the replaced model's (a 50k-node file
+                # takes a second to scan); without that file there is nothing it could decide
+                legacy = self.parent / (self.out.name + ".data")
+                old_refs = _data_references(self.out) if legacy.is_file() else set()
                 try:
                     if self.data_name:
                         os.replace(self.dir / self.data_name, self.parent / self.data_name)
@@ -430,7 +437,7 @@ class StagedOutput:
                         _unlink(self.parent / self.data_name)
                     raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from e
                 self.committed = True
-                _remove_superseded(self.out, self.parent, old_refs, keep=self.data_name)
+                _remove_superseded(self.out, self.parent, old_refs, keep=self.data_name, current=self.references)
         finally:
             _unblock_signals(blocked)
             self.discard()
@@ -614,11 +621,16 @@ def _data_references(out: Path) -> set[str]:
         return set()
 
 
-def _remove_superseded(out: Path, parent: Path, old_refs: set[str], keep: str | None) -> None:
+def _remove_superseded(out: Path, parent: Path, old_refs: set[str], keep: str | None,
+                       current: set[str] | None = None) -> None:
     """Remove the output's data files that its current .onnx does not reference: those save_model
     named for it (OUTPUT.<token>.data), and OUTPUT.data where the replaced .onnx referenced it.
+    `current`: what the current .onnx references, when the caller knows (read from it otherwise).
     Call with the directory lock held."""
-    current = _data_references(out) if keep is None else {keep}
+    if keep is not None:
+        current = {keep}
+    elif current is None:
+        current = _data_references(out)
     try:
         names = os.listdir(parent)
     except OSError:
@@ -679,14 +691,21 @@ def _save_external(lean: "LeanModel", tmp_model: Path, data_name: str) -> None:
         os.fsync(f.fileno())
 
 
-def _save_inline(lean: "LeanModel", tmp_model: Path) -> None:
+def _save_inline(lean: "LeanModel", tmp_model: Path) -> bool:
     """One protobuf file, written field by field: the model without its graph, then the graph
     without its initializers, then each initializer, its payload streamed after its header.
     Protobuf readers accept fields in any order, and a message's length is known from the sizes
     alone. Stubs outside the main graph's initializers (Constant nodes, subgraphs) are filled in
-    memory first: they are small, and nested lengths would otherwise need a second pass."""
+    memory first: they are small, and nested lengths would otherwise need a second pass.
+    Returns whether the file names external data (a tensor of the model's own, not a stub)."""
     proto = lean.proto
-    if any(not top and stub_index(t) is not None for top, t in all_tensors(proto)):  # rare: fill those in a copy
+    nested_stubs = refers_outside = False
+    for top, t in all_tensors(proto):
+        if stub_index(t) is not None:
+            nested_stubs = nested_stubs or not top
+        elif t.data_location == onnx.TensorProto.EXTERNAL:
+            refers_outside = True
+    if nested_stubs:  # rare: fill those in a copy
         proto = onnx.ModelProto()
         proto.CopyFrom(lean.proto)
         for top, t in all_tensors(proto):
@@ -718,6 +737,7 @@ def _save_inline(lean: "LeanModel", tmp_model: Path) -> None:
                 wire.write_all(f, wire.key(wire.RAW_DATA) + wire.varint(n))
                 lean.write_payload(i, f)
         os.fsync(f.fileno())
+    return refers_outside
 
 
 def _first_line(e: BaseException) -> str:

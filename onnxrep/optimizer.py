@@ -78,13 +78,15 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = None,
-            folding: "F.FoldOptions | None" = None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
+            folding: "F.FoldOptions | None" = None, inferred=None) -> tuple[onnx.ModelProto, "G.gs.Graph"]:
     """Pin shapes, infer shapes, import, fold constants (onnxrep.folding), check structure (validate).
 
     Works on a payload-free copy of `model` whose stubs are then pointed back at `model`'s own
     tensors (or a LeanModel's payloads, which may still be in the input file): nothing here reads
     or copies a weight, and `model` is not modified. Returns that copy (the template for export:
-    opsets, IR version, metadata) and the graph."""
+    opsets, IR version, metadata) and the graph. inferred(model, as_given): called with the
+    shape-inferred copy before import (as_given: it is `model` itself as far as shape inference
+    goes, nothing pinned or taken out), so a caller can read shapes without inferring again."""
     folding = folding or F.FoldOptions()
     proto, sources = (model.proto, list(model.payloads)) if isinstance(model, LeanModel) else (model, [])
 
@@ -97,6 +99,8 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     if input_shapes:
         pin_input_shapes(work, input_shapes)
     work = infer_shapes(work)
+    if inferred is not None:
+        inferred(work, not kept and not input_shapes)
     graph = G.import_graph(work)
     G.attach_payloads(graph, sources)
     F.keep_overridable(graph, kept, sources)
@@ -157,7 +161,15 @@ def rewrite_graph(model: "onnx.ModelProto | LeanModel", rules: list[E.Rule], opt
     statistics; MACs it could not count (shapes known only after folding) are counted on the
     folded graph, which computes the same thing."""
     folding = getattr(options, "folding", None)  # set by reparameterize (engine.Options has no field for it)
-    template, graph = prepare(model, options.input_shapes, folding)
+
+    def count_macs(work: onnx.ModelProto, as_given: bool) -> None:
+        # the input's MACs from prepare's shape inference when it is the one stats.macs would run
+        # (the model as given, no symbolic batch to count as 1); stats.macs infers them otherwise
+        if before is not None and before.get("macs") is None:
+            before["macs"] = stats.macs(work, inferred=True) if as_given and stats.batch_is_static(work) \
+                else stats.macs(model.proto if isinstance(model, LeanModel) else model)
+
+    template, graph = prepare(model, options.input_shapes, folding, count_macs)
     if before is not None and before.get("macs") is None:
         before["macs"] = stats.macs(G.export_skeleton(graph, template).proto)
     if loaded:
@@ -184,10 +196,13 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
     Returns the optimized ModelProto (every weight in memory); to write a file without that,
     use optimize_file. rtol/atol/seed: None takes VerifyOptions' default; verify_options: all of
     the verification's settings at once (rtol/atol/seed, when given, override its fields)."""
-    rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,
-                                       verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed,
-                                       verify_options=verify_options, freeze_inputs=freeze_inputs, fold_limit=fold_limit)
-    out = rewritten.model()
+    with G.full_collections_deferred():  # one full cycle collection, at the end (graph.py)
+        rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,
+                                           verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed,
+                                           verify_options=verify_options, freeze_inputs=freeze_inputs,
+                                           fold_limit=fold_limit)
+        out = rewritten.model()
+        del rewritten  # garbage for that collection
     return (out, report) if return_report else out
 
 
@@ -206,6 +221,13 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_da
     also_writes: other paths the caller will write (a report), checked like `dst` and refused if
     they would overwrite it. `options` are optimize()'s. Returns the report; report.written lists
     the files."""
+    with G.full_collections_deferred():  # one full cycle collection, at the end (graph.py)
+        return _optimize_file(src, dst, external_data=external_data, also_writes=also_writes, **options)
+
+
+def _optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_data: str | bool = "auto",
+                   also_writes: tuple = (), **options) -> Report:
+    """optimize_file without the cycle-collection policy around it."""
     check_output_path(src, dst)
     for extra in also_writes:
         check_output_path(src, extra, what="report")
@@ -281,7 +303,7 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     vopts = _verify_options(verify_options, rtol, atol, seed)
     options.folding = F.FoldOptions(freeze_inputs=bool(freeze_inputs),
                                     fold_limit=F.DEFAULT_FOLD_LIMIT if fold_limit is None else fold_limit)
-    before = stats.summarize(lean.proto, file_bytes)
+    before = stats.summarize(lean.proto, file_bytes, with_macs=False)  # MACs: rewrite_graph, from prepare's shapes
     ref = None
     verify_seconds = 0.0
     if verify:

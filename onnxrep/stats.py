@@ -28,38 +28,63 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return total
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Static shapes of every tensor, by shape inference on a payload-free copy (inference
-    serializes its input: a model with weights would cost a copy of them, and fail above 2 GB)."""
-    light = without_payload(model)
-    inits = {t.name for t in light.graph.initializer}
-    for vi in light.graph.input:  # a symbolic batch dim counts as 1: MACs are then per sample
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name not in inits and dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-    except Exception:
-        inferred = light
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def batch_is_static(model: onnx.ModelProto) -> bool:
+    """Whether no graph input (other than an initializer's) has a symbolic first dim, which the
+    MAC count takes as 1: then the count's shape inference is that of the model as it is."""
+    inits = {t.name for t in model.graph.initializer}
+    return not any(vi.name not in inits and _symbolic_batch(vi) for vi in model.graph.input)
+
+
+def _symbolic_batch(vi: onnx.ValueInfoProto) -> bool:
+    dims = vi.type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
+
+
+def _shapes(model: onnx.ModelProto, wanted: set[str] | None = None, inferred: bool = False) -> dict[str, list[int]]:
+    """Static shapes of every tensor (of the `wanted` ones only, when given: reading a dim out of
+    protobuf costs more than inferring it), by shape inference on a payload-free copy (inference
+    serializes its input: a model with weights would cost a copy of them, and fail above 2 GB).
+    inferred: `model` is that inference's result already (payload-free, batch_is_static)."""
+    if inferred:
+        light = inferred = model
+    else:
+        light = without_payload(model)
+        inits = {t.name for t in light.graph.initializer}
+        for vi in light.graph.input:  # a symbolic batch dim counts as 1: MACs are then per sample
+            if vi.name not in inits and _symbolic_batch(vi):
+                vi.type.tensor_type.shape.dim[0].dim_value = 1
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        except Exception:
+            inferred = light
     shapes = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if wanted is not None and vi.name not in wanted:
+            continue
         dims = vi.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = [d.dim_value for d in dims]
     for t in g.initializer:
-        shapes[t.name] = list(t.dims)
+        if wanted is None or t.name in wanted:
+            shapes[t.name] = list(t.dims)
     return shapes
 
 
-def macs(model: onnx.ModelProto) -> int | None:
+def macs(model: onnx.ModelProto, inferred: bool = False) -> int | None:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one inference at the
-    model's static shapes (a symbolic batch dim counts as 1); None when other dims are symbolic."""
-    shapes = _shapes(model)
+    model's static shapes (a symbolic batch dim counts as 1); None when other dims are symbolic.
+    inferred: `model` is already shape-inferred (payload-free, with batch_is_static), so its
+    value_info is read as it is instead of inferring again."""
+    counted = [n for n in model.graph.node if n.op_type in _COUNTED]
+    if not counted:
+        return 0
+    shapes = _shapes(model, {name for n in counted for name in (*n.input[:2], *n.output[:1])}, inferred)
     total = 0
-    for n in model.graph.node:
-        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            continue
+    for n in counted:
         ins = [shapes.get(i) for i in n.input[:2]]
         out = shapes.get(n.output[0])
         if out is None or any(s is None for s in ins):
@@ -79,12 +104,14 @@ def macs(model: onnx.ModelProto) -> int | None:
     return int(total)
 
 
-def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> dict:
+def summarize(model: onnx.ModelProto, file_bytes: int | None = None, with_macs: bool = True) -> dict:
+    """The report's statistics. with_macs=False leaves "macs" None, for a caller that counts them from
+    a shape inference it runs anyway (optimizer.rewrite_graph)."""
     hist = op_histogram(model)
     return {
         "nodes": sum(hist.values()),
         "ops": dict(sorted(hist.items())),
         "parameters": parameter_count(model),
-        "macs": macs(model),
+        "macs": macs(model) if with_macs else None,
         "file_bytes": file_bytes,
     }

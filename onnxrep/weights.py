@@ -197,14 +197,17 @@ class Releaser:
     readable), a weight a rule made becomes a stub that raises if anything reads it.
 
     Cost: watch/release are proportional to the rewrite, not the graph. The sweep net
-    (begin_sweep/end_sweep) is one pass over the graph per rule sweep; it frees what a rewrite
-    dropped outside the nodes it was watched on (`late` counts those; a rule whose match names
-    every node it changes leaves it at 0)."""
+    (begin_sweep/before_rewrite/end_sweep) is one pass over the graph per rule sweep that rewrote
+    something (a sweep without a rewrite drops nothing, so it is not looked at); it frees what a
+    rewrite dropped outside the nodes it was watched on (`late` counts those; a rule whose match
+    names every node it changes leaves it at 0)."""
 
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self.late = 0
         self._sweep: list[gs.Constant] = []
+        self._nodes = None  # the graph's nodes at begin_sweep, until the first rewrite looks at them
+        self.scans = 0  # sweep nets taken (passes over the graph's nodes)
 
     @staticmethod
     def watch(nodes) -> list[gs.Constant]:
@@ -218,10 +221,25 @@ class Releaser:
         self._sweep.extend(extra)
         return sum(self._free_if_dead(c) for c in watched + extra)
 
-    def begin_sweep(self, nodes) -> None:
-        self._sweep = self.watch(nodes)
+    def begin_sweep(self, nodes, lazy: bool = False) -> None:
+        """A rule sweep starts over `nodes`. lazy (the engine's way): `nodes` is graph.nodes itself,
+        read at the sweep's first rewrite (before_rewrite), when it is still what it is now
+        (matching changes nothing); a sweep that rewrites nothing never reads it."""
+        self._sweep = []
+        self._nodes = nodes
+        if not lazy:
+            self.before_rewrite()
+
+    def before_rewrite(self) -> None:
+        """Call before each rewrite of the sweep: the first takes the net's snapshot of the
+        constants the graph's nodes read."""
+        if self._nodes is not None:
+            self._sweep = self.watch(self._nodes) + self._sweep
+            self._nodes = None
+            self.scans += 1
 
     def end_sweep(self) -> int:
+        self._nodes = None
         freed = sum(self._free_if_dead(c) for c in self._sweep)
         self._sweep = []
         self.late += freed

@@ -322,3 +322,181 @@ def test_unique_names_from_one_hint():
     taken = g.nodes[0].name
     names = [G.unique_node_name(g, taken) for _ in range(3)] + [G.unique_node_name(g, "fresh") for _ in range(3)]
     assert names == [f"{taken}_1", f"{taken}_2", f"{taken}_3", "fresh", "fresh_1", "fresh_2"]
+
+
+# -- whole-graph passes around the engine (issue 12: 50k nodes in <= 10x the time of 5k) ---------
+def _foldable_model():
+    """A Conv whose bias is Add(c1, c2) of two initializers: one node for constant folding."""
+    import numpy as np
+
+    b = GraphBuilder(0)
+    x = b.input((1, 4, 6, 6))
+    bias = b.add(b.const(np.ones(4, np.float32)), b.const(np.full(4, 2.0, np.float32)))
+    w = b.randn((4, 4, 3, 3))
+    return b.build(b.relu(b.op("Conv", [x, w, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])))
+
+
+def _count_graphsurgeon_folds(monkeypatch) -> dict:
+    calls = {"fold": 0, "copy": 0}
+    fold, copy = gs.Graph.fold_constants, gs.Graph.copy
+
+    def counting_fold(self, *a, **k):
+        calls["fold"] += 1
+        return fold(self, *a, **k)
+
+    def counting_copy(self, *a, **k):
+        calls["copy"] += 1
+        return copy(self, *a, **k)
+
+    monkeypatch.setattr(gs.Graph, "fold_constants", counting_fold)
+    monkeypatch.setattr(gs.Graph, "copy", counting_copy)
+    return calls
+
+
+def test_folding_copies_the_graph_only_when_something_folds(monkeypatch):
+    """graphsurgeon's fold_constants copies the whole graph before it looks; prepare calls it only
+    when a node can fold (and then the result is folded as before)."""
+    from onnxrep import optimizer as O
+
+    calls = _count_graphsurgeon_folds(monkeypatch)
+    _, g = O.prepare(_chain(3))
+    assert calls == {"fold": 0, "copy": 0}
+    assert len(g.nodes) == len(_chain(3).graph.node)
+
+    _, g = O.prepare(_foldable_model())
+    assert calls["fold"] >= 1 and calls["copy"] >= 1
+    assert sorted(n.op for n in g.nodes) == ["Conv", "Relu"]
+    bias = next(n for n in g.nodes if n.op == "Conv").inputs[2]
+    assert isinstance(bias, gs.Constant) and G.const(bias).tolist() == [3.0] * 4
+
+
+def _would_fold_cases():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    def case(nodes, inits):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    mk = helper.make_node
+    f32 = np.float32
+    return {
+        "nothing constant": (case([mk("Relu", ["x"], ["y"])], {}), False),
+        "add of constants": (case([mk("Add", ["a", "b"], ["s"]), mk("Add", ["x", "s"], ["y"])],
+                                  {"a": f32([1, 2]), "b": f32([3, 4])}), True),
+        "random op (guard)": (case([mk("RandomNormalLike", ["a"], ["r"]), mk("Add", ["x", "r"], ["y"])],
+                                   {"a": f32([1, 2])}), False),
+        "dequantize (never folded)": (case([mk("DequantizeLinear", ["q", "s"], ["d"]), mk("Add", ["x", "d"], ["y"])],
+                                           {"q": np.int8([1, 2]), "s": f32(0.5)}), False),
+        "constant node": (case([mk("Constant", [], ["c"], value=onnx.numpy_helper.from_array(f32([1, 1]))),
+                                mk("Add", ["x", "c"], ["y"])], {}), True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_would_fold_cases()))
+def test_graphsurgeon_would_fold_agrees_with_graphsurgeon(name):
+    """The precheck that spares the copy says 'would change' exactly where graphsurgeon's
+    fold_constants (called as folding calls it) changes the graph."""
+    from onnxrep import folding as F
+
+    model, expected = _would_fold_cases()[name]
+    g = _graph(model)
+    guard = F._guard(F.DEFAULT_FOLD_LIMIT, F.FoldLog())
+    assert F._graphsurgeon_would_fold(g, guard) is expected
+    before = G.export_graph(g, model).SerializeToString()
+    g.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
+                     size_threshold=F.DEFAULT_FOLD_LIMIT, should_exclude_node=guard)
+    G.tidy(g)
+    assert (G.export_graph(g, model).SerializeToString() != before) is expected
+
+
+def test_input_shapes_are_inferred_once_for_the_report(monkeypatch):
+    """The input's MACs come from prepare's shape inference (the same model, nothing pinned): one
+    inference for the input, one for the output's statistics; equal to stats.macs' own count.
+    With a symbolic batch (counted as 1) the count infers its own, as before."""
+    from onnxrep import stats
+
+    calls = []
+    infer = onnx.shape_inference.infer_shapes
+
+    def counting(model, *a, **k):
+        calls.append(len(model.graph.node))
+        return infer(model, *a, **k)
+
+    model = _chain(2)
+    expected = stats.macs(model)
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", counting)
+    _, report = onnxrep.optimize(model, verify=False, return_report=True)
+    n_in, n_out = len(model.graph.node), report.after["nodes"]
+    assert calls == [n_in, n_out]
+    assert report.before["macs"] == expected > 0
+
+    batch = onnx.ModelProto()
+    batch.CopyFrom(model)
+    batch.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    calls.clear()
+    _, report = onnxrep.optimize(batch, verify=False, return_report=True)
+    assert calls.count(n_in) == 2  # prepare's (batch symbolic) and the count's (batch 1)
+    assert report.before["macs"] == expected
+
+
+def test_a_sweep_that_rewrites_nothing_takes_no_weight_net(monkeypatch):
+    """The Releaser's end-of-sweep net looks at the graph only in rule sweeps that rewrote
+    something; the net still frees nothing late (every rewrite freed its own)."""
+    from onnxrep import weights as W
+
+    releasers = []
+    init = W.Releaser.__init__
+
+    def keep(self, graph):
+        init(self, graph)
+        releasers.append(self)
+
+    fired_sweeps = []
+    sweep = E._sweep_rule
+
+    def counting_sweep(*a, **k):
+        fired = sweep(*a, **k)
+        fired_sweeps.append(fired)
+        return fired
+
+    monkeypatch.setattr(W.Releaser, "__init__", keep)
+    monkeypatch.setattr(E, "_sweep_rule", counting_sweep)
+    g = _graph(_chain(3))
+    E.run(g, E.select_rules(), E.Context(g))
+    (r,) = releasers
+    assert 0 < r.scans == sum(1 for f in fired_sweeps if f) < len(fired_sweeps)
+    assert r.late == 0
+
+
+def test_full_collections_are_deferred_and_thresholds_restored(tmp_path, monkeypatch):
+    """optimize and optimize_file run without automatic full cycle collections (young ones run)
+    and leave gc's thresholds as they found them, also when they fail."""
+    import gc
+
+    from onnxrep import optimizer as O
+    from onnxrep.errors import InputError
+
+    seen = []
+    run = E.run
+    monkeypatch.setattr(E, "run", lambda *a, **k: seen.append(gc.get_threshold()) or run(*a, **k))
+    thresholds = gc.get_threshold()
+    model = _chain(2)
+    onnxrep.optimize(model, verify=False)
+    path = tmp_path / "in.onnx"
+    onnx.save(model, str(path))
+    onnxrep.optimize_file(path, tmp_path / "out.onnx", verify=False)
+    assert [t[:2] for t in seen] == [thresholds[:2]] * 2 and all(t[2] >= G._NO_FULL for t in seen)
+    assert gc.get_threshold() == thresholds
+    path.write_bytes(b"not a model")
+    with pytest.raises(InputError):
+        onnxrep.optimize_file(path, tmp_path / "out2.onnx")
+    assert gc.get_threshold() == thresholds
+    with G.full_collections_deferred():
+        with G.full_collections_deferred():
+            assert gc.get_threshold()[2] >= G._NO_FULL
+        assert gc.get_threshold()[2] >= G._NO_FULL
+    assert gc.get_threshold() == thresholds
+    assert O.optimize_file.__doc__.startswith("Optimize the model file")

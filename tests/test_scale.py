@@ -232,3 +232,42 @@ def test_bench_optimizer_measures_every_mode(tmp_path):
     for goal in ("optimize time", "optimize peak RSS", "verification takes"):
         assert goal in text and ("met" in text.split(goal)[1].splitlines()[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # outputs cleaned up
+
+
+def test_commit_reads_a_model_file_only_to_decide_on_an_old_data_file(small, tmp_path, monkeypatch):
+    """Committing does not scan the .onnx it just wrote inline (it knows what that names) nor the
+    one it replaces, unless OUTPUT.data is there (the only file that scan decides on): a 50k-node
+    model takes a second to scan. What is removed stays the same (tests/test_atomic.py)."""
+    model = io.load_model(small)
+    reads = []
+    refs = io._data_references
+    monkeypatch.setattr(io, "_data_references", lambda out: reads.append(out.name) or refs(out))
+    out = tmp_path / "m.onnx"
+    io.save_model(model, out, external=False)  # new
+    io.save_model(model, out, external=False)  # replacing an inline one
+    assert reads == []
+    io.save_model(model, out, external=True)  # replacing with external data: a data file of its own
+    assert reads == []
+    older = onnx.ModelProto()
+    older.CopyFrom(model)  # onnx.save moves the weights of what it saves out to the data file
+    (tmp_path / "old").mkdir()
+    out = tmp_path / "old" / "m.onnx"
+    onnx.save(older, str(out), save_as_external_data=True, location="m.onnx.data")  # an older writer's pair
+    io.save_model(model, out, external=False)
+    assert reads == ["m.onnx"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]  # the old pair's data file went with it
+    assert not _locations(onnx.load(str(out), load_external_data=False))
+
+
+def test_bench_engine_prints_the_goal_lines(tmp_path):
+    """tools/bench_engine.py runs end to end on small chains and states the goal, for wall time,
+    CPU time and the rules alone (the measured tables are in docs/engine.md)."""
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_engine.py"), "--sizes", "0.1,1",
+                          "--stat", "min", "--json", str(tmp_path / "rows.json")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith(("optimize:", "optimize, CPU time:", "the rules (engine.run):")) for line in lines) == 3
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["before"] for r in rows] == [96, 992]
+    assert all(r["after"] == r["before"] // 2 and 0 < r["cpu"] and 0 < r["engine"] < r["seconds"] for r in rows)

@@ -115,8 +115,8 @@ def test_constant_folding_is_named_when_the_graph_with_no_rule_differs(tmp_path,
     graph rebuilt with no rule differs too, and the error names constant folding (exit 4)."""
     real = O.prepare
 
-    def corrupting_prepare(model, input_shapes=None, folding=None):
-        template, graph = real(model, input_shapes, folding)
+    def corrupting_prepare(model, input_shapes=None, folding=None, *rest):
+        template, graph = real(model, input_shapes, folding, *rest)
         for t in graph.tensors().values():
             if t.name == "W" and hasattr(t, "values"):
                 t.values = np.asarray(t.values) + 1.0
