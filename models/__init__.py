@@ -47,7 +47,8 @@ from .resnet import resnet18, resnet50
 from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
-from .transformers import ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMLP, LoRAQKVAttention, ViTLayerScaleBlock
+from .transformers import (ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMergedAttention, LoRAMLP, LoRAQKVAttention,
+                           ViTLayerScaleBlock)
 
 __all__ = [
     "ZOO",
@@ -345,3 +346,12 @@ _register(
     "Each adapter merges into its columns of the qkv weight (loralib's MergedLinear merge; rule "
     "fold_branch_into_slice): qkv, q.kT, attn.v, proj = 4 MatMul, as without adapters; the Split "
     "stays.")
+_register(
+    "lora_merged", LoRAMergedAttention, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 4, "Add": 2, "Split": 1},
+    "Self-attention whose fused qkv Linear is loralib's MergedLinear, unmerged: one A for q and v "
+    "(rank 4), B as a grouped conv1d, the adapter output zero-padded to 3C by index assignment "
+    "(ScatterND) and added to the qkv output",
+    "A, the conv1d between its Transpose pair, the ScatterND placement into zeros and the scale are "
+    "one matrix of x, added to the qkv Linear's: one MatMul (rule fold_linear_affine), as loralib's "
+    "merge writes it; qkv, q.kT, attn.v, proj = 4 MatMul; the Split stays.")

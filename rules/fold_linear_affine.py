@@ -9,6 +9,9 @@ Between two non-linearities everything is again one matrix:
     x ─┬─ MatMul(W) ─ Add(b) ──────────────────┐
        └─ MatMul(A) ─ MatMul(B) ─ Mul(s) ──────┴─ Add ─      LoRA, unmerged
     x ─ MatMul(W1) ─ MatMul(W2) ─                            Linear∘Linear, cost model decides
+    x ─┬─ MatMul(W) ─ Add(b) ─────────────────────────────────────────────┐
+       └─ MatMul(A) ─ T ─ Conv1d(B, groups) ─ T ─ ScatterND(zeros) ─ Mul(s) ┴─ Add ─
+                                                             loralib's MergedLinear, unmerged
   ⇒ x ─ MatMul(W') ─ Add(b') ─                               (Gemm(transB=1) when x is 2-D)
 
 The walk is merge_linear_regions' one, on the last axis: each tensor is `spec · source` with spec
@@ -19,13 +22,19 @@ the rank-0 ConvSpec [Cout, Cin] of onnxrep.kernels, through
     BatchNormalization on a 2-D tensor (its axis 1 is the last)       affine_after(form(x))
     Reshape / Flatten keeping the last dim                            the same rows, regrouped
     Transpose(p) → per-channel affines on axis k → Transpose(p⁻¹)     affine on the last axis
+      … a pointwise Conv (1-wide, stride 1, unpadded) when k = 1,      compose(form(x), conv)
+      … a ScatterND of whole slices into zeros when k = 0             compose(form(x), P)
+    ScatterND of whole last-axis rows into zeros (z[..., cols] = y)   compose(form(x), P)
+    Expand that keeps the shape                                       form(x)
     Add / Sub / Sum of same-shaped tensors                            add(forms)
 
 and stops at anything else, at a tensor another node reads (fan-out) or a graph output.
 
 Math: with W [Cout, Cin] (MatMul writes Wᵀ), an affine y = a⊙z + c after: W' = diag(a)·W,
 b' = a⊙b + c; before: W' = W·diag(a), b' = b + W·c; parallel: W' = ΣWᵢ, b' = Σbᵢ; sequential:
-W' = W₂·W₁, b' = W₂·b₁ + b₂. A Reshape whose input and output share the last dim C moves every
+W' = W₂·W₁, b' = W₂·b₁ + b₂. Zero-padding y into columns `cols` of a width-C' tensor is the
+placement matrix P [C', m] with P[cols[j], j] = 1 (kernels.placement_spec); a 1-wide grouped conv
+is a block-diagonal matrix (kernels.pointwise_spec). A Reshape whose input and output share the last dim C moves every
 row of C values unchanged (row-major), so it commutes with a per-row linear map.
 
 Preconditions (each declines): a constant on a non-channel axis (per-token Add, axis-1 BN on
@@ -53,7 +62,8 @@ MATRIX_OPS = ("MatMul", "Gemm", "Einsum")
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div", "BatchNormalization")
 SUM_OPS = ("Add", "Sub", "Sum")
 REGROUP_OPS = ("Reshape", "Flatten")
-WALKED = frozenset(MATRIX_OPS + AFFINE_OPS + SUM_OPS + REGROUP_OPS + ("Transpose",))
+CHANNEL_OPS = ("Conv", "ScatterND", "Expand")  # between a Transpose pair (see _transposed_affines)
+WALKED = frozenset(MATRIX_OPS + AFFINE_OPS + SUM_OPS + REGROUP_OPS + ("Transpose", "ScatterND", "Expand"))
 MAX_DEPTH = 64
 
 
@@ -284,6 +294,10 @@ class Walker:
             return self._regroup(node, depth)
         if op == "Transpose":
             return self._transposed_affines(node, depth)
+        if op == "ScatterND":
+            return self._scatter(node, depth)
+        if op == "Expand":
+            return self._expand(node, depth)
         raise NotLinear(f"{op} is not linear")
 
     def _compose(self, node, spec: K.ConvSpec, x, depth) -> Form:
@@ -334,7 +348,10 @@ class Walker:
         return Form(inner.source, inner.spec, inner.nodes + [node])
 
     def _transposed_affines(self, outer: gs.Node, depth) -> Form:
-        """Transpose(p) → per-channel affines on the axis p took the last axis to → Transpose back."""
+        """Transpose(p) → ops on the axis p took the last axis to → Transpose back: per-channel
+        affines on that axis, a pointwise (1×1, stride 1, unpadded) Conv when it is axis 1, a
+        ScatterND placing whole slices along it when it is axis 0 (zero-padding by index
+        assignment), an Expand that keeps the shape. Each is a matrix on the channel axis."""
         r = G.rank(outer.inputs[0])
         perm2 = outer.attrs.get("perm")
         if r is None or perm2 is None:
@@ -347,9 +364,12 @@ class Walker:
             if n.op == "Transpose":
                 inner_t = n
                 break
-            if n.op not in AFFINE_OPS:
+            if n.op not in AFFINE_OPS + CHANNEL_OPS:
                 raise NotLinear(f"{n.op} between a Transpose pair is not a per-channel affine")
             chain.append(n)
+            if n.op in CHANNEL_OPS:
+                t = n.inputs[2] if n.op == "ScatterND" else n.inputs[0]
+                continue
             cd = _const_and_data(n) if n.op != "BatchNormalization" else (n.inputs[0], None, False)
             if cd is None:
                 raise NotLinear(f"{n.op} between a Transpose pair has no constant operand")
@@ -362,16 +382,113 @@ class Walker:
         c = _last(x)
         if c is None:
             raise NotLinear(f"channel count (last dim) of '{x.name}' is unknown")
-        scale, shift = np.ones(c), np.zeros(c)
+        spec = K.identity(c, 0)
         for n in reversed(chain):  # innermost first
+            if n.op in CHANNEL_OPS:
+                m = channel_matrix(n, k)
+                if isinstance(m, str):
+                    raise NotLinear(m)
+                if m is not None:
+                    if m.cin != spec.cout:
+                        raise NotLinear(f"{n.op} reads {m.cin} channels, its input has {spec.cout}")
+                    spec = K.compose(spec, m)
+                continue
             aff = axis_affine(n, k)
             if isinstance(aff, str):
                 raise NotLinear(aff)
-            a, b = aff.broadcast(c)
-            scale, shift = a * scale, a * shift + b
+            a, b = aff.broadcast(spec.cout)
+            spec = K.affine_after(spec, a, b)
         inner = self.operand(x, inner_t, depth)
-        spec = K.affine_after(inner.spec, scale, shift, inplace=True)
+        spec = K.compose(inner.spec, spec)
         return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer])
+
+    def _scatter(self, node, depth) -> Form:
+        """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix."""
+        m = channel_matrix(node, None)
+        if isinstance(m, str) or m is None:
+            raise NotLinear(m or "ScatterND is not a placement")
+        inner = self.operand(node.inputs[2], node, depth)
+        if inner.spec.cout != m.cin:
+            raise NotLinear(f"ScatterND places {m.cin} columns, its updates have {inner.spec.cout}")
+        return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node])
+
+    def _expand(self, node, depth) -> Form:
+        if channel_matrix(node, None) is not None:
+            raise NotLinear("Expand changes the shape")
+        inner = self.operand(node.inputs[0], node, depth)
+        return Form(inner.source, inner.spec, inner.nodes + [node])
+
+
+def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
+    """Whether t is all zeros (ScatterND's data when a tensor is zero-padded): a constant, a
+    ConstantOfShape of 0 (its shape computed at run time), or a Transpose/Reshape/Expand of one."""
+    v = G.const(t)
+    if v is not None:
+        return not np.any(v)
+    n = G.producer(t)
+    if n is None or depth > 4:
+        return False
+    if n.op == "ConstantOfShape":
+        value = n.attrs.get("value")
+        return value is None or not np.any(value.values if isinstance(value, gs.Constant) else value)
+    return n.op in ("Transpose", "Reshape", "Expand", "Unsqueeze", "CastLike") and _zeros(n.inputs[0], depth + 1)
+
+
+def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
+    """A Conv / ScatterND / Expand acting on channel `axis` (None: the last axis) as the rank-0
+    spec it applies to every position, None for an Expand that keeps the shape (the identity),
+    or the reason it is neither."""
+    if node.op == "Expand":
+        s_in, shape = G.static_shape(node.inputs[0]), G.const(node.inputs[1])
+        if s_in is None or shape is None:
+            return "Expand of a tensor whose shape is not static"
+        want = [int(v) for v in shape.reshape(-1)]
+        if len(want) > len(s_in) or any(w not in (1, d) for w, d in zip(want[::-1], s_in[::-1])):
+            return "Expand changes the shape"
+        return None
+    if node.op == "Conv":
+        r = G.rank(node.inputs[0])
+        if axis is None or r is None or axis % r != 1:
+            return "Conv acts on axis 1, not the channel axis"
+        w = G.const(node.inputs[1])
+        b = G.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if w is None or (len(node.inputs) > 2 and node.inputs[2].name and b is None):
+            return "Conv weight or bias is not constant"
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+            return "Conv with auto_pad"
+        try:
+            return K.pointwise_spec(w, b, int(node.attrs.get("group", 1)), node.attrs.get("strides", ()),
+                                    node.attrs.get("pads", ()))
+        except K.NotMergeable as e:
+            return str(e)
+    if node.op == "ScatterND":
+        red = node.attrs.get("reduction", "none")
+        if (red.decode() if isinstance(red, bytes) else red) != "none":
+            return "ScatterND with a reduction"
+        data, idx = node.inputs[0], G.const(node.inputs[1])
+        if not _zeros(data) or idx is None:
+            return "ScatterND does not write into zeros at constant indices"
+        r = G.rank(data)
+        if r is None:
+            return "ScatterND's data has an unknown rank"
+        if axis is None or axis % r == r - 1:
+            d_shape, u_shape = G.static_shape(data), G.static_shape(node.inputs[2])
+            cols = None if d_shape is None or u_shape is None else K.scatter_columns(idx, u_shape, d_shape)
+            cout = None if d_shape is None else d_shape[-1]
+        elif axis % r == 0:
+            # only the channel count has to be known (scatter_rows: ScatterND checks the rest)
+            cols = K.scatter_rows(idx, G.rank(node.inputs[2]), r)
+            d0 = (data.shape or [None])[0]
+            cout = int(d0) if isinstance(d0, (int, np.integer)) and d0 > 0 else None
+        else:
+            cols = cout = None
+        if cols is None or cout is None:
+            return "ScatterND does not place whole slices along the channel axis"
+        try:
+            return K.placement_spec(cols, cout)
+        except K.NotMergeable as e:
+            return str(e)
+    return f"{node.op} is not a channel map"
 
 
 def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
