@@ -302,7 +302,8 @@ _register(
 # Reshape is counted as Flatten (OP_ALIASES). Each block turns its [1, 16, H, W] input into tokens
 # with one Reshape (Flatten) + Transpose; attention heads are split by a Reshape + Transpose each
 # for q, k, v and merged back by one Transpose + Reshape.
-_ATTN = {"Flatten": 5, "Transpose": 5, "Softmax": 1, "Mul": 1}  # tokens, heads, softmax, q·kᵀ scale
+# The q·kᵀ scale (a scalar Mul on the scores) folds into q's projection (rule fold_attention_scale).
+_ATTN = {"Flatten": 5, "Transpose": 5, "Softmax": 1}  # tokens, heads, softmax
 _GELU = {"Div": 1, "Erf": 1}  # plus one Add and two Mul, counted per entry
 _register(
     "levit", LeViTBlock, (1, 16, 4, 4),
@@ -315,11 +316,11 @@ _register(
     "residual Adds stay.")
 _register(
     "vit_layerscale", ViTLayerScaleBlock, (1, 16, 4, 4),
-    {**_ATTN, **_GELU, "Mul": 3, "MatMul": 8, "Add": 9, "LayerNormalization": 2},
+    {**_ATTN, **_GELU, "Mul": 2, "MatMul": 8, "Add": 9, "LayerNormalization": 2},
     "Pre-norm ViT block (CaiT / DeiT-III) with layer scale on both residual branches, 16 tokens",
     "x + ls1*proj(attn(norm1(x))), x + ls2*fc2(gelu(fc1(norm2(x)))): each layer scale folds into "
-    "the Linear before it (weight columns and bias); no per-channel Mul is left. Mul 3 = the q.kT "
-    "scale and GELU's two; Add 9 = 6 Linear biases, GELU's +1, 2 residuals.")
+    "the Linear before it (weight columns and bias); no per-channel Mul is left, and the q.kT scale "
+    "folds into q's projection. Mul 2 = GELU's two; Add 9 = 6 Linear biases, GELU's +1, 2 residuals.")
 _register(
     "convnext", ConvNeXtBlock, (1, 16, 8, 8),
     {**_GELU, "Conv": 1, "Transpose": 2, "LayerNormalization": 1, "MatMul": 2, "Add": 4, "Mul": 2},

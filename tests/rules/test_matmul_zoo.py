@@ -28,8 +28,10 @@ def export(model, entry, path):
 
 def cleaned(model):
     """The hand-converted export with only constant folding and identities removed (the legacy
-    exporter leaves some shape arithmetic unfolded): no re-parameterization rule runs."""
-    return onnxrep.optimize(model, rules=["remove_identities"])
+    exporter leaves some shape arithmetic unfolded), and the attention's q·kᵀ scale folded into q
+    (fold_attention_scale: no paper's conversion does it, onnxrep does it to both sides); no
+    re-parameterization rule runs."""
+    return onnxrep.optimize(model, rules=["remove_identities", "fold_attention_scale"])
 
 
 def optimized(name, tmp_path):
@@ -73,7 +75,7 @@ def test_levit_matches_its_own_fuse(tmp_path):
 @pytest.mark.parametrize("name, gammas", [("vit_layerscale", 2), ("convnext", 1)])
 def test_no_layer_scale_mul_left(tmp_path, name, gammas):
     """ViT / ConvNeXt: every Mul by a per-channel constant (the layer scales) is folded; only
-    scalar Muls (GELU's 0.5, the attention scale) remain."""
+    scalar Muls (GELU's 0.5) remain (the attention scale folds into q)."""
     _, train, out, _ = optimized(name, tmp_path)
     per_channel = lambda m: [c for c in constant_muls(m) if int(np.prod(c[1])) > 1]  # noqa: E731
     assert len(per_channel(train)) == gammas
