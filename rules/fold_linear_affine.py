@@ -74,6 +74,7 @@ class Form:
     source: gs.Tensor
     spec: K.ConvSpec
     nodes: list = field(default_factory=list)
+    tokens: bool = True  # provably the source's token axes (no Reshape, or one that restores them)
 
 
 class NotLinear(Exception):
@@ -305,8 +306,8 @@ class Walker:
             raise NotLinear(f"{node.op} reads {_last(x)} channels on the last axis, its weight {spec.cin}")
         inner = self.operand(x, node, depth)
         if not inner.nodes:
-            return Form(inner.source, spec, [node])
-        return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node])
+            return Form(inner.source, spec, [node], inner.tokens)
+        return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node], inner.tokens)
 
     def _affine(self, node, aff: L.Affine, depth) -> Form:
         inner = self.operand(aff.x, node, depth)
@@ -314,7 +315,7 @@ class Walker:
         if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
             raise NotLinear("affine channel count mismatch")
         a, c = aff.broadcast(cout)
-        return Form(inner.source, K.affine_after(inner.spec, a, c, inplace=True), inner.nodes + [node])
+        return Form(inner.source, K.affine_after(inner.spec, a, c, inplace=True), inner.nodes + [node], inner.tokens)
 
     def _sum(self, node, depth) -> Form:
         out = node.outputs[0]
@@ -322,10 +323,10 @@ class Walker:
         if node.op == "Sub":
             signs[1] = -1.0
         terms = [(self.operand(t, node, depth), s) for t, s in zip(node.inputs, signs)]
-        if any(not _same_dims(i.shape, out.shape) for i in node.inputs) and any(
-                n.op in REGROUP_OPS for f, _ in terms for n in f.nodes):
-            # without a Reshape in any term, every term has the source's shape (MatMul and
-            # last-axis affines keep the leading axes); with one, only known equal shapes are safe
+        if any(not _same_dims(i.shape, out.shape) and not f.tokens for i, (f, _) in zip(node.inputs, terms)):
+            # a term without a Reshape, or whose last Reshape restores the source's token axes, has the
+            # source's shape (MatMul and last-axis affines keep the leading axes); otherwise only
+            # known equal shapes are safe
             raise NotLinear(f"{node.op} may broadcast its terms (shapes not provably equal)")
         if len({id(f.source) for f, _ in terms}) != 1:
             names = ", ".join(sorted({f"'{f.source.name}'" for f, _ in terms}))
@@ -337,7 +338,7 @@ class Walker:
                 if id(n) not in seen:
                     seen.add(id(n))
                     nodes.append(n)
-        return Form(terms[0][0].source, K.add(specs), nodes + [node])
+        return Form(terms[0][0].source, K.add(specs), nodes + [node], all(f.tokens for f, _ in terms))
 
     def _regroup(self, node, depth) -> Form:
         x, y = node.inputs[0], node.outputs[0]
@@ -345,7 +346,7 @@ class Walker:
         if cx is None or cy is None or cx != cy:
             raise NotLinear(f"{node.op} changes the last axis ({_last(x)} → {_last(y)}): it mixes channels and tokens")
         inner = self.operand(x, node, depth)
-        return Form(inner.source, inner.spec, inner.nodes + [node])
+        return Form(inner.source, inner.spec, inner.nodes + [node], _restores(node, inner))
 
     def _transposed_affines(self, outer: gs.Node, depth) -> Form:
         """Transpose(p) → ops on the axis p took the last axis to → Transpose back: per-channel
@@ -400,7 +401,7 @@ class Walker:
             spec = K.affine_after(spec, a, b)
         inner = self.operand(x, inner_t, depth)
         spec = K.compose(inner.spec, spec)
-        return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer])
+        return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer], inner.tokens)
 
     def _scatter(self, node, depth) -> Form:
         """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix."""
@@ -410,13 +411,13 @@ class Walker:
         inner = self.operand(node.inputs[2], node, depth)
         if inner.spec.cout != m.cin:
             raise NotLinear(f"ScatterND places {m.cin} columns, its updates have {inner.spec.cout}")
-        return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node])
+        return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node], inner.tokens)
 
     def _expand(self, node, depth) -> Form:
         if channel_matrix(node, None) is not None:
             raise NotLinear("Expand changes the shape")
         inner = self.operand(node.inputs[0], node, depth)
-        return Form(inner.source, inner.spec, inner.nodes + [node])
+        return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
 
 
 def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
@@ -432,6 +433,69 @@ def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
         value = n.attrs.get("value")
         return value is None or not np.any(value.values if isinstance(value, gs.Constant) else value)
     return n.op in ("Transpose", "Reshape", "Expand", "Unsqueeze", "CastLike") and _zeros(n.inputs[0], depth + 1)
+
+
+def _ints(t: gs.Tensor) -> list[int] | None:
+    v = G.const(t)
+    return None if v is None or not np.issubdtype(v.dtype, np.integer) else [int(i) for i in v.reshape(-1)]
+
+
+def _unsqueezed_last(t: gs.Tensor) -> gs.Tensor | None:
+    """x when t = Unsqueeze(x, [-1]) (a new last axis), else None."""
+    n = G.producer(t)
+    if n is None or n.op != "Unsqueeze":
+        return None
+    axes = _ints(n.inputs[1]) if len(n.inputs) > 1 else list(n.attrs.get("axes", []))
+    r = G.rank(t)
+    return n.inputs[0] if axes is not None and len(axes) == 1 and r and axes[0] % r == r - 1 else None
+
+
+def _expanded(t: gs.Tensor) -> gs.Tensor | None:
+    n = G.producer(t)
+    return n.inputs[0] if n is not None and n.op == "Expand" else None
+
+
+def _rows_of(t: gs.Tensor, data: gs.Tensor) -> bool:
+    """Whether t = Reshape(Range(0, rows of data, 1), [-1, 1]): each row's own index."""
+    n = G.producer(t)
+    if n is None or n.op != "Reshape" or _ints(n.inputs[1]) != [-1, 1]:
+        return False
+    rng = G.producer(n.inputs[0])
+    if rng is None or rng.op != "Range" or _ints(rng.inputs[0]) != [0] or _ints(rng.inputs[2]) != [1]:
+        return False
+    lim = G.producer(rng.inputs[1])
+    if lim is not None and lim.op == "Cast":
+        lim = G.producer(lim.inputs[0])
+    if lim is None or lim.op != "Gather" or _ints(lim.inputs[1]) != [0] or int(lim.attrs.get("axis", 0)) != 0:
+        return False
+    sh = G.producer(lim.inputs[0])
+    return (sh is not None and sh.op == "Shape" and sh.inputs[0] is data
+            and sh.attrs.get("start") in (None, 0) and "end" not in sh.attrs)
+
+
+def _runtime_columns(node: gs.Node) -> np.ndarray | None:
+    """The columns of a ScatterND into a 2-D [R, C'] whose (row, column) indices the legacy exporter
+    computes at run time for `z[:, cols] = y` with a symbolic R:
+
+        Concat(Unsqueeze(Expand(Reshape(Range(0, Shape(z)[0], 1), [-1, 1]), ·), -1),
+               Unsqueeze(Expand(cols, ·), -1), axis=-1)
+
+    Row r of the indices is (r, cols[j]) for every r < R: the Range covers z's own rows, and the
+    Expands only broadcast (to the updates' [R, m]: ScatterND requires it). None for anything else."""
+    data, idx = node.inputs[0], node.inputs[1]
+    if G.rank(data) != 2 or G.rank(node.inputs[2]) != 2:
+        return None
+    cat = G.producer(idx)
+    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or int(cat.attrs.get("axis", 0)) % 3 != 2:
+        return None
+    rows, cols = (_unsqueezed_last(t) for t in cat.inputs)
+    rows, cols = (_expanded(t) if t is not None else None for t in (rows, cols))
+    if rows is None or cols is None or not _rows_of(rows, data):
+        return None
+    c = G.const(cols)
+    if c is None or c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
+        return None
+    return c.astype(np.int64)
 
 
 def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
@@ -466,12 +530,18 @@ def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
         if (red.decode() if isinstance(red, bytes) else red) != "none":
             return "ScatterND with a reduction"
         data, idx = node.inputs[0], G.const(node.inputs[1])
-        if not _zeros(data) or idx is None:
+        if not _zeros(data) or (idx is None and _runtime_columns(node) is None):
             return "ScatterND does not write into zeros at constant indices"
         r = G.rank(data)
         if r is None:
             return "ScatterND's data has an unknown rank"
-        if axis is None or axis % r == r - 1:
+        if (axis is None or axis % r == r - 1) and idx is None and r == 2:
+            cols = _runtime_columns(node)
+            d1 = (data.shape or [None, None])[-1]
+            cout = int(d1) if isinstance(d1, (int, np.integer)) and d1 > 0 else None
+            if cols is not None and _last(node.inputs[2]) != len(cols):
+                cols = None
+        elif axis is None or axis % r == r - 1:
             d_shape, u_shape = G.static_shape(data), G.static_shape(node.inputs[2])
             cols = None if d_shape is None or u_shape is None else K.scatter_columns(idx, u_shape, d_shape)
             cout = None if d_shape is None else d_shape[-1]
@@ -491,6 +561,18 @@ def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
     return f"{node.op} is not a channel map"
 
 
+def _restores(node: gs.Node, inner: Form) -> bool:
+    """Whether the Reshape `node` provably gives its output the source's token axes: a constant
+    shape that restores them (_restores_token_axes; rows are never regrouped across a kept last
+    axis, so its -1 is the source's dim)."""
+    if node.op != "Reshape" or len(node.inputs) < 2 or int(node.attrs.get("allowzero", 0)):
+        return False
+    shape = G.const(node.inputs[1])
+    if shape is None or shape.ndim != 1 or shape.size == 0 or np.any(shape == 0):
+        return False
+    return _restores_token_axes(inner.source, shape, int(shape[-1]))
+
+
 def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
     """Whether an intermediate is a graph output or read outside the region (a Shape node reading
     a tensor of `shape_read` excepted: it is moved to the region's output, which has that shape)."""
@@ -505,6 +587,24 @@ def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
             if any(id(r) not in inside and not (r.op == "Shape" and id(o) in shaped) for r in o.outputs):
                 return f"intermediate '{o.name}' is read outside the region"
     return None
+
+
+def _feeds_only(graph, node: gs.Node, inside: set, limit: int = 64) -> bool:
+    """Whether everything computed from `node` ends in nodes of the region (`inside`, by id): no
+    graph output and no other node depends on it, so the region's removal leaves it dead."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if len(seen) > limit:
+            return False
+        for o in n.outputs:
+            if G.is_graph_output(graph, o):
+                return False
+            stack.extend(r for r in o.outputs if id(r) not in inside)
+    return True
 
 
 def _only_shape_readers_besides(graph, t: gs.Tensor, reader: gs.Node) -> bool:
@@ -556,6 +656,7 @@ class Region:
     why_not: str | None = None
     shape: np.ndarray | None = None  # what the merged MatMul's output is reshaped to (_out_shape)
     shape_read: list = field(default_factory=list)  # intermediates Shape nodes read (Walker.shape_read)
+    dead_shape: list = field(default_factory=list)  # of those, the ones whose Shape only feeds the region
 
 
 class FoldLinearAffine(Rule):
@@ -597,9 +698,14 @@ class FoldLinearAffine(Rule):
         reason = _escapes(ctx.graph, form.nodes, region.out, region.shape_read)
         if reason:
             return reason
+        region.dead_shape = []
         for t in region.shape_read:
-            if not _same_shape_as_out(region, t):
-                return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
+            if _same_shape_as_out(region, t):
+                continue
+            if all(_feeds_only(ctx.graph, r, inside) for r in t.outputs if r.op == "Shape"):
+                region.dead_shape.append(t)  # its shape only sizes the region's own zeros/indices
+                continue
+            return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
         for n in form.nodes:
             if n.op in MATRIX_OPS:
                 r = G.shared_constant_reason(n.inputs[1])
@@ -624,9 +730,12 @@ class FoldLinearAffine(Rule):
         names = [n.name for n in form.nodes]
         main = next((n for n in form.nodes if n.op in MATRIX_OPS), form.nodes[-1]).name
         main = main or G.unique_node_name(ctx.graph, "onnxrep_matmul")
+        dead = {id(t) for t in region.dead_shape}
         for t in region.shape_read:
             for r in [r for r in t.outputs if r.op == "Shape"]:
-                r.inputs[0] = out  # same shape (_same_shape_as_out); the region no longer makes t
+                # same shape (_same_shape_as_out), or a value only the removed region used (it dies
+                # with it; reading the source keeps the graph well formed until cleanup)
+                r.inputs[0] = src if id(t) in dead else out
         for n in form.nodes:
             G.remove_node(n)
         g = ctx.graph
@@ -666,7 +775,7 @@ def _out_shape(region: Region) -> np.ndarray | None:
     None when there is none."""
     src, out = region.form.source, region.out
     twin = _shape_of(region.root)
-    if not any(n.op in REGROUP_OPS for n in region.form.nodes):
+    if region.form.tokens:
         return np.zeros(0, dtype=np.int64)  # MatMul, last-axis affines and sums keep the token axes
     if _same_dims(src.shape[:-1], out.shape[:-1]) or (
             twin is not None and id(G.producer(twin)) in {id(n) for n in region.form.nodes}

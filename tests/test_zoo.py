@@ -40,12 +40,10 @@ KNOWN_GAPS = {("dbb_slice", form, axes): _SLICE_FILL for form in FORMS for axes 
 KNOWN_GAPS.update({("dbb_slice", form, "hw"): "the legacy exporter bakes the traced 16x16 into the slice "
                    "assignment's Expand: the export itself only runs at that size (exit 3 at 32x32)"
                    for form in FORMS if form.startswith("legacy")})
-_MERGED_LORA_DYNAMIC = ("with symbolic dims the exporter computes the zero-padding ScatterND's indices from the "
-                        "run-time row count (legacy: Range over the rows; dynamo-noopt: an Expand to a run-time "
-                        "shape and a whole-range slice_scatter), which fold_linear_affine does not read as a "
-                        "placement; --input-shape merges it")
-KNOWN_GAPS.update({("lora_merged", form, axes): _MERGED_LORA_DYNAMIC for axes in ("batch", "hw")
-                   for form in FORMS if form.startswith("legacy") or form == "dynamo-noopt"})
+_MERGED_LORA_DYNAMIC = ("with symbolic dims dynamo-noopt writes the zero padding as a ScatterND whose updates are "
+                        "Expanded to a run-time shape, then copied by a whole-range slice_scatter over a Range of "
+                        "the rows: fold_linear_affine does not read that as a placement; --input-shape merges it")
+KNOWN_GAPS.update({("lora_merged", "dynamo-noopt", axes): _MERGED_LORA_DYNAMIC for axes in ("batch", "hw")})
 
 
 def _cells():

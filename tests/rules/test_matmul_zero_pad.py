@@ -154,3 +154,57 @@ def test_conv_on_a_token_axis_declines():
     out, _ = run_rules(m, RULE)
     assert ops(out).get("Conv") == 1 and ops(out).get("MatMul") == 2
     assert_equivalent(m, out)
+
+
+def runtime_index_lora(range_of="rows", shape_reader=False, seed=0):
+    """The legacy exporter's form with a symbolic batch: the zeros and the (row, col) indices are
+    computed from run-time shapes (ConstantOfShape; Range over the zeros' rows, Expanded)."""
+    b = GraphBuilder(seed)
+    x = b.relu(b.input(["batch", N, C]))
+    qkv = b.add(b.matmul(x, C, 3 * C), b.randn((3 * C,)))
+    t = b.op("Transpose", [b.matmul(x, C, 2 * R)], perm=[0, 2, 1])
+    y = b.op("Transpose", [b.conv(t, 2 * R, 2 * C, k=(1,), pad=(0,), group=2, bias=False)], perm=[0, 2, 1])
+    u = b.op("Reshape", [y, b.ints([-1, 2 * C])])
+    batch = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [y]), b.ints(0)], axis=0), b.ints([0])])
+    zshape = b.op("Concat", [batch, b.ints([N]), b.ints([3 * C])], axis=0)
+    z = b.op("Reshape", [b.op("ConstantOfShape", [zshape]), b.ints([-1, 3 * C])])
+    limit_of = {"rows": z, "columns": u}[range_of]
+    limit = b.op("Gather", [b.op("Shape", [limit_of]), b.ints(0 if range_of == "rows" else 1)], axis=0)
+    rows = b.op("Reshape", [b.op("Range", [b.ints(0), limit, b.ints(1)]), b.ints([-1, 1])])
+    target = b.op("Shape", [u])
+    i0 = b.op("Unsqueeze", [b.op("Expand", [rows, target]), b.ints([-1])])
+    i1 = b.op("Unsqueeze", [b.op("Expand", [b.ints(COLS), target]), b.ints([-1])])
+    placed = b.op("ScatterND", [z, b.op("Concat", [i0, i1], axis=-1), u])
+    padded = b.op("Reshape", [placed, b.ints([-1, N, 3 * C])])
+    outs = [b.relu(b.add(qkv, b.mul(padded, b.const(np.float32(2.0)))))]
+    if shape_reader:
+        outs.append(b.op("Shape", [y]))
+    return b.build(*outs)
+
+
+def test_runtime_indices_of_a_symbolic_batch_merge():
+    """Range over the zeros' own rows, Expanded, with constant columns: the same placement."""
+    m = runtime_index_lora()
+    out, report = run_rules(m)
+    h = ops(out)
+    assert h.get("MatMul") == 1 and "ScatterND" not in h and "Conv" not in h and "Range" not in h
+    assert report.rule_counts.get(RULE) == 1
+    for batch in (1, 3):
+        feeds = {m.graph.input[0].name: np.random.default_rng(batch).standard_normal((batch, N, C)).astype(np.float32)}
+        assert_equivalent(m, out, feeds=feeds)
+
+
+def test_runtime_indices_over_other_rows_decline():
+    """A Range over another length (the updates' columns) is not each row's own index."""
+    m = runtime_index_lora(range_of="columns")
+    out, _ = run_rules(m)
+    assert ops(out).get("ScatterND") == 1 and ops(out).get("MatMul") == 2
+
+
+def test_shape_of_an_intermediate_read_elsewhere_declines():
+    """The conv1d output's Shape also feeds a graph output: the region cannot drop it."""
+    m = runtime_index_lora(shape_reader=True)
+    out, _ = run_rules(m)
+    assert ops(out).get("ScatterND") == 1 and ops(out).get("MatMul") == 2
+    feeds = {m.graph.input[0].name: np.ones((2, N, C), dtype=np.float32)}
+    assert_equivalent(m, out, feeds=feeds)
