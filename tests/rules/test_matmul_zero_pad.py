@@ -208,3 +208,24 @@ def test_shape_of_an_intermediate_read_elsewhere_declines():
     assert ops(out).get("ScatterND") == 1 and ops(out).get("MatMul") == 2
     feeds = {m.graph.input[0].name: np.ones((2, N, C), dtype=np.float32)}
     assert_equivalent(m, out, feeds=feeds)
+
+
+def test_rows_placement_into_runtime_zeros_merges():
+    """dynamo's form with a symbolic batch: the zeros are a ConstantOfShape of run-time dims
+    (transposed), the [m, 1] indices constant: the placement needs only the channel count."""
+    b = GraphBuilder(5)
+    x = b.relu(b.input(["batch", N, C]))
+    qkv = b.add(b.matmul(x, C, 3 * C), b.randn((3 * C,)))
+    t = b.op("Transpose", [b.matmul(x, C, 2 * R)], perm=[0, 2, 1])
+    y = b.op("Transpose", [b.conv(t, 2 * R, 2 * C, k=(1,), pad=(0,), group=2, bias=False)], perm=[0, 2, 1])
+    u = b.op("Transpose", [b.op("Reshape", [y, b.ints([-1, 2 * C])])], perm=[1, 0])
+    dims = b.op("Concat", [b.op("Shape", [x], start=0, end=1), b.ints([N]), b.ints([3 * C])], axis=0)
+    z = b.op("Transpose", [b.op("Reshape", [b.op("ConstantOfShape", [dims]), b.ints([-1, 3 * C])])], perm=[1, 0])
+    placed = b.op("Transpose", [b.op("ScatterND", [z, b.ints(np.asarray(COLS).reshape(-1, 1)), u])], perm=[1, 0])
+    out = b.relu(b.add(qkv, b.mul(b.op("Reshape", [placed, b.ints([-1, N, 3 * C])]), b.const(np.float32(0.5)))))
+    m = b.build(out)
+    opt, _ = run_rules(m)
+    assert ops(opt).get("MatMul") == 1 and "ScatterND" not in ops(opt)
+    for batch in (1, 4):
+        feeds = {m.graph.input[0].name: np.random.default_rng(batch).standard_normal((batch, N, C)).astype(np.float32)}
+        assert_equivalent(m, opt, feeds=feeds)
