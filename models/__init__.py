@@ -48,7 +48,7 @@ from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
 from .transformers import (ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMergedAttention, LoRAMLP, LoRAQKVAttention,
-                           ViTLayerScaleBlock)
+                           MixerBlock, ViTLayerScaleBlock)
 
 __all__ = [
     "ZOO",
@@ -356,3 +356,13 @@ _register(
     "A, the conv1d between its Transpose pair, the ScatterND placement into zeros and the scale are "
     "one matrix of x, added to the qkv Linear's: one MatMul (rule fold_linear_affine), as loralib's "
     "merge writes it; qkv, q.kT, attn.v, proj = 4 MatMul; the Split stays.")
+_register(
+    "mlp_mixer", MixerBlock, (1, 16, 4, 4),
+    {**_GELU, "Div": 2, "Erf": 2, "Flatten": 1, "Transpose": 1, "LayerNormalization": 2, "MatMul": 4, "Add": 8,
+     "Mul": 5},
+    "MLP-Mixer block on 16 tokens: LayerNorm, token-mixing MLP written W.X (constant on the left) with "
+    "BatchNorm1d over its output tokens, GELU, channel MLP, layer scale on both residual branches",
+    "The token BN folds into the second token-mixing MatMul's rows and bias (the token axis is the "
+    "channel axis of W.X); the channel branch's layer scale into its second Linear. Left: 4 MatMul + "
+    "4 bias Adds, two GELUs (Div, Erf, Add, 2 Mul each), the token branch's per-channel layer scale "
+    "(Mul: it scales columns of a row-mixing product), 2 residual Adds, 2 LayerNormalization.")

@@ -16,6 +16,12 @@ LAST axis), as a patch-embedded ViT stage does:
 - ``LoRAMergedAttention``: the fused qkv Linear as loralib's ``MergedLinear`` computes it unmerged:
   one A for the adapted groups (q and v), B as a grouped 1-wide conv1d, the adapter output
   zero-padded to 3C by index assignment and added to the qkv output.
+- ``MixerBlock`` (Tolstikhin et al., MLP-Mixer, NeurIPS 2021): a token-mixing MLP written with
+  the constant on the LEFT (``W_tok · X``, biases per token), its second Linear followed by
+  BatchNorm1d over the tokens it makes (LeViT's Linear_BN, on the token axis), then a channel MLP;
+  layer scale on both residual branches. Deploy: the BN folds into the token Linear's rows, the
+  channel branch's layer scale into its second Linear; the token branch's per-channel layer scale
+  stays (it scales the columns of a matrix whose rows are mixed: no Linear to take it).
 - ``LoRAMLP`` / ``LoRAAttention`` (Hu et al., LoRA, ICLR 2022): Linears with an unmerged low-rank
   adapter ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` (rank 4 and 8, scale s = alpha / r); the attention adapts q
   and v. Deploy: the adapter merges into its base (loralib's ``merge``): as many MatMul/Gemm as
@@ -35,7 +41,7 @@ from torch import nn
 
 __all__ = ["LinearBN", "LeViTBlock", "LayerScale", "ViTLayerScaleBlock", "ConvNeXtBlock",
            "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "MergedLoRALinear",
-           "LoRAMergedAttention", "to_tokens"]
+           "LoRAMergedAttention", "MixerBlock", "to_tokens"]
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -331,3 +337,26 @@ class LoRAMergedAttention(nn.Module):
 
     def merge(self) -> None:
         self.qkv.merge()
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer block on tokens [B, N, C] with the token-mixing Linears written as W·X."""
+
+    def __init__(self, dim: int = 16, tokens: int = 16, token_hidden: int = 32, channel_hidden: int = 32):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.tok_w1 = nn.Parameter(torch.randn(token_hidden, tokens) / math.sqrt(tokens))
+        self.tok_b1 = nn.Parameter(0.1 * torch.randn(token_hidden, 1))
+        self.tok_w2 = nn.Parameter(torch.randn(tokens, token_hidden) / math.sqrt(token_hidden))
+        self.tok_b2 = nn.Parameter(0.1 * torch.randn(tokens, 1))
+        self.tok_bn = nn.BatchNorm1d(tokens)  # on [B, N, C]: axis 1 is the token Linear's output
+        self.ls1 = LayerScale(dim, 0.1)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, dim))
+        self.ls2 = LayerScale(dim, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        h = nn.functional.gelu(self.tok_w1 @ self.norm1(x) + self.tok_b1)
+        x = x + self.ls1(self.tok_bn(self.tok_w2 @ h + self.tok_b2))
+        return x + self.ls2(self.mlp(self.norm2(x)))

@@ -420,6 +420,95 @@ class Walker:
         return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
 
 
+def _second_last(t: gs.Tensor) -> int | None:
+    """The size of t's axis -2 (the rows a constant-left MatMul mixes): from its shape, or from the
+    constant left operand of the MatMul that makes it."""
+    shape = t.shape
+    if shape and len(shape) >= 2 and isinstance(shape[-2], (int, np.integer)) and shape[-2] > 0:
+        return int(shape[-2])
+    n = G.producer(t)
+    if n is not None and n.op == "MatMul" and isinstance(n.inputs[0], gs.Constant) and n.inputs[0].shape is not None \
+            and len(n.inputs[0].shape) == 2:
+        return int(n.inputs[0].shape[0])
+    return None
+
+
+def _left_matrix(node: gs.Node) -> gs.Constant | None:
+    """W when node is MatMul(W, x) with a constant 2-D W and a tensor x (token mixing, W_tok·X)."""
+    if node.op != "MatMul":
+        return None
+    w, x = node.inputs
+    if not isinstance(w, gs.Constant) or w.shape is None or len(w.shape) != 2 or G.const(x) is not None:
+        return None
+    return w
+
+
+class TokenWalker(Walker):
+    """The walk on axis -2 (tokens of [B, N, C] mixed by a constant on the LEFT, MLP-Mixer's
+    W_tok·X): MatMul(W[N', N], x) is the matrix W on that axis, a constant of shape [N', 1] (or a
+    BatchNormalization on [B, N', C], whose axis 1 is then this axis, or the pointwise Conv1d that
+    merge_linear_regions makes of such affines) is per row, sums add. No Reshape, Transpose or
+    scatter is walked: a region of these keeps the source's other axes."""
+
+    def leaf(self, t: gs.Tensor) -> Form:
+        c = _second_last(t)
+        if G.rank(t) is None or G.rank(t) < 2:
+            raise NotLinear(f"'{t.name}' is not a tensor of rows (rank < 2)")
+        if c is None:
+            raise NotLinear(f"row count (axis -2) of '{t.name}' is unknown")
+        dt = G.dtype_of(t)
+        if dt is not None and not np.issubdtype(dt, np.floating):
+            raise NotLinear(f"'{t.name}' is not floating point")
+        return Form(t, K.identity(c, 0), [])
+
+    def form(self, t: gs.Tensor, depth: int = 0) -> Form:
+        if depth > MAX_DEPTH:
+            raise NotLinear("region too deep")
+        node = G.producer(t)
+        if node is None:
+            raise NotLinear("no producer")
+        op = node.op
+        w = _left_matrix(node)
+        if w is not None:
+            x = node.inputs[1]
+            if G.rank(x) is None or G.rank(x) < 2 or _second_last(x) != int(w.shape[1]):
+                raise NotLinear(f"MatMul's constant left operand mixes {int(w.shape[1])} rows, its input has {_second_last(x)}")
+            spec = K.ConvSpec(np.asarray(G.const(w), dtype=np.float64), None)
+            inner = self.operand(x, node, depth)
+            if not inner.nodes:
+                return Form(inner.source, spec, [node])
+            return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node])
+        if op == "Conv" and G.rank(t) == 3:  # [B, N, C]: the Conv's channel axis 1 is this axis
+            m = channel_matrix(node, 1)
+            if isinstance(m, str) or m is None:
+                raise NotLinear(m or "Conv is not a matrix")
+            inner = self.operand(node.inputs[0], node, depth)
+            if inner.spec.cout != m.cin:
+                raise NotLinear(f"Conv reads {m.cin} rows, its input has {inner.spec.cout}")
+            return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node])
+        if op in AFFINE_OPS:
+            aff = axis_affine(node, -2)
+            if not isinstance(aff, str):
+                return self._affine(node, aff, depth)
+            if op in SUM_OPS and all(G.const(i) is None for i in node.inputs):
+                return self._sum(node, depth)
+            raise NotLinear(aff)
+        if op == "Sum":
+            return self._sum(node, depth)
+        raise NotLinear(f"{op} is not linear on the token axis")
+
+
+def _left_matmul_above(node: gs.Node, depth: int = 0) -> bool:
+    """Whether a constant-left MatMul lies within a few data producers above `node` (the token
+    walk is worth trying)."""
+    if _left_matrix(node) is not None:
+        return True
+    if depth > 6:
+        return False
+    return any(_left_matmul_above(G.producer(i), depth + 1) for i in node.inputs
+               if G.producer(i) is not None and G.const(i) is None)
+
+
 def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
     """Whether t is all zeros (ScatterND's data when a tensor is zero-padded): a constant, a
     ConstantOfShape of 0 (its shape computed at run time), or a Transpose/Reshape/Expand of one."""
@@ -628,18 +717,20 @@ def _same_shape_as_out(region, t: gs.Tensor) -> bool:
     return _shape_of(region.root) is t or (G.static_shape(t) is not None and _same_dims(t.shape, region.out.shape))
 
 
-def _row_cost(n: gs.Node) -> int:
+def _row_cost(n: gs.Node, axis: int = -1) -> int:
     """MACs plus elements read and written per row (token) of a region's node: every node of the
     region sees the same rows, regrouped, so per-row costs compare regions whatever the batch and
     token counts (which may be unknown here). As merge_linear_regions.node_cost, per row."""
     if n.op in REGROUP_OPS:
         return 0  # a view at run time
-    out = _last(n.outputs[0]) or 1
+    chan = _last if axis == -1 else _second_last
+    out = chan(n.outputs[0]) or 1
     if n.op in MATRIX_OPS:
-        dims = matrix_dims(n)
+        left = _left_matrix(n) if axis == -2 else None
+        dims = (int(left.shape[1]), int(left.shape[0])) if left is not None else matrix_dims(n)
         cin = dims[0] if dims is not None else out
         return cin * out + cin + out
-    reads = sum(_last(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
+    reads = sum(chan(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
     return out + out + reads
 
 
@@ -657,13 +748,14 @@ class Region:
     shape: np.ndarray | None = None  # what the merged MatMul's output is reshaped to (_out_shape)
     shape_read: list = field(default_factory=list)  # intermediates Shape nodes read (Walker.shape_read)
     dead_shape: list = field(default_factory=list)  # of those, the ones whose Shape only feeds the region
+    axis: int = -1  # the channel axis: -1, or -2 for a token-mixing region (TokenWalker)
 
 
 class FoldLinearAffine(Rule):
     name = "fold_linear_affine"
     description = ("fold per-channel affines (BN1d in Reshape/Transpose pairs, layer scale, bias), parallel "
                    "(LoRA) and sequential MatMuls on channel-last tokens into one MatMul")
-    anchors = MATRIX_OPS + AFFINE_OPS + ("Sum", "Reshape", "Flatten", "Transpose")
+    anchors = MATRIX_OPS + AFFINE_OPS + ("Sum", "Reshape", "Flatten", "Transpose", "Conv")
     outputs_first = True
 
     def match(self, node, ctx):
@@ -674,6 +766,12 @@ class FoldLinearAffine(Rule):
             return None  # a region of one op
         if _plain_linear(ctx.graph, node):
             return None  # a Linear as exported, nothing foldable around it: skip reading its weight
+        if _left_matmul_above(node):
+            token = self._token_region(node, out, ctx)
+            if token is not None or node.op == "Conv":
+                return token
+        if node.op == "Conv":
+            return None  # a Conv ends a region only on the token axis (a pointwise Conv1d on [B, N, C])
         walker = Walker(ctx.graph)
         try:
             form = walker.form(out)
@@ -688,6 +786,16 @@ class FoldLinearAffine(Rule):
         if _already_deploy(form.nodes):
             return None  # what this rule would write: a fixed point
         return Region(node, out, form, shape_read=list(walker.shape_read))
+
+    def _token_region(self, node, out, ctx):
+        walker = TokenWalker(ctx.graph)
+        try:
+            form = walker.form(out)
+        except (NotLinear, K.NotMergeable) as e:
+            return Region(node, out, None, f"{e}", axis=-2) if node.op == "BatchNormalization" else None
+        if len(form.nodes) < 2 or not any(_left_matrix(n) is not None for n in form.nodes) or _already_deploy(form.nodes):
+            return None
+        return Region(node, out, form, axis=-2)
 
     def check(self, region: Region, ctx):
         if region.form is None:
@@ -708,13 +816,13 @@ class FoldLinearAffine(Rule):
             return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
         for n in form.nodes:
             if n.op in MATRIX_OPS:
-                r = G.shared_constant_reason(n.inputs[1])
+                r = G.shared_constant_reason(n.inputs[0 if _left_matrix(n) is not None else 1])
                 if r:
                     return r
         region.shape = _out_shape(region)
         if region.shape is None and not _reshaped_again(ctx.graph, region.out):
             return "the region regroups the token axes and the output shape is not static"
-        before = sum(_row_cost(n) for n in form.nodes if not _free_affine(n, form.nodes))
+        before = sum(_row_cost(n, region.axis) for n in form.nodes if not _free_affine(n, form.nodes, region.axis))
         after = _merged_row_cost(form.spec)
         if after > before and not ctx.options.aggressive:
             return (f"merged MatMul would cost more ({after:,} vs {before:,} MACs+elements moved per token); "
@@ -739,6 +847,8 @@ class FoldLinearAffine(Rule):
         for n in form.nodes:
             G.remove_node(n)
         g = ctx.graph
+        if region.axis == -2:
+            return _rewrite_token_mixing(g, spec, src, out, dtype, main, names)
         if G.rank(src) == 2 and G.rank(out) == 2:
             node = L.make_conv(g, spec, src, out, dtype, main)
             return Rewrite("", names, [node.name], f"{len(names)} ops → Gemm {spec.cin}→{spec.cout}")
@@ -875,12 +985,28 @@ def _near_miss(node: gs.Node) -> bool:
     return False
 
 
-def _free_affine(n: gs.Node, nodes) -> bool:
+def _free_affine(n: gs.Node, nodes, axis: int = -1) -> bool:
     """A per-channel affine (or regroup) right after a matrix product folds into it on its own."""
     if n.op not in AFFINE_OPS:
         return False
-    aff = axis_affine(n)
+    aff = axis_affine(n, None if axis == -1 else axis)
     if isinstance(aff, str):
         return False
     up = G.producer(aff.x)
     return up is not None and up.op in MATRIX_OPS and any(u is up for u in nodes)
+
+
+def _rewrite_token_mixing(g, spec: K.ConvSpec, src, out, dtype, main: str, names) -> Rewrite:
+    """MatMul(W', src) (+ Add(b'[:, None])): the token-mixing region's deploy form."""
+    created = []
+    has_bias = bool(np.any(spec.bias != 0))
+    mm_out = out if not has_bias else G.new_variable(g, f"{main}_mm", dtype=out.dtype, shape=out.shape)
+    w = G.new_weight(g, f"{main}.weight", np.ascontiguousarray(spec.weight), dtype)
+    g.nodes.append(gs.Node("MatMul", main, {}, [w, src], [mm_out]))
+    created.append(main)
+    if has_bias:
+        b = G.new_weight(g, f"{main}.bias", spec.bias.reshape(-1, 1), dtype)
+        name = G.unique_node_name(g, f"{main}_bias")
+        g.nodes.append(gs.Node("Add", name, {}, [mm_out, b], [out]))
+        created.append(name)
+    return Rewrite("", names, created, f"{len(names)} ops → token-mixing MatMul {spec.cin}→{spec.cout}")
