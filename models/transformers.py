@@ -360,3 +360,19 @@ class MixerBlock(nn.Module):
         h = nn.functional.gelu(self.tok_w1 @ self.norm1(x) + self.tok_b1)
         x = x + self.ls1(self.tok_bn(self.tok_w2 @ h + self.tok_b2))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """The hand-written conversion: the token BN scales W_tok2's rows (and its bias), the channel
+        branch's layer scale scales fc2's rows; the token branch's layer scale stays."""
+        bn = self.tok_bn
+        if isinstance(bn, nn.Identity):
+            return
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.tok_w2.copy_(s[:, None] * self.tok_w2)
+        self.tok_b2.copy_(s[:, None] * self.tok_b2 + (bn.bias - bn.running_mean * s)[:, None])
+        self.tok_bn = nn.Identity()
+        fc2, g = self.mlp[2], self.ls2.layer_scale
+        fc2.weight.copy_(g[:, None] * fc2.weight)
+        fc2.bias.copy_(g * fc2.bias)
+        self.ls2 = nn.Identity()

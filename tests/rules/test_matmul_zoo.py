@@ -98,6 +98,20 @@ def test_lora_as_many_matmuls_as_without_adapters(tmp_path, name):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+def test_mlp_mixer_matches_its_hand_conversion(tmp_path):
+    """MLP-Mixer with W_tok·X token mixing: the token BN folds into the left weight's rows, the
+    channel layer scale into fc2; the histogram and outputs are those of its switch_to_deploy()."""
+    model, train, out, report = optimized("mlp_mixer", tmp_path)
+    deploy = copy.deepcopy(model)
+    deploy.switch_to_deploy()
+    hand = cleaned(export(deploy, ZOO["mlp_mixer"], tmp_path / "hand.onnx"))
+    assert hist(train)["BatchNormalization"] == 1 and hist(out)["BatchNormalization"] == 0
+    assert hist(out) == hist(hand)
+    x = ZOO["mlp_mixer"].example_input().numpy()
+    a, b = run_model(out, {"input": x})["output"], run_model(hand, {"input": x})["output"]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
 def test_second_run_changes_nothing(tmp_path):
     """The optimized LeViT block is a fixed point."""
     _, _, out, _ = optimized("levit", tmp_path)
