@@ -29,7 +29,7 @@ from models import ZOO  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 
 FOLDS = ("fold_linear_affine", "fold_branch_into_slice", "fold_attention_scale")  # the "folds" column
-MODELS = ("levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv", "lora_merged")
+MODELS = ("levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv", "lora_merged", "mlp_mixer")
 
 
 def wide(name: str, dim: int, side: int):
@@ -47,7 +47,9 @@ def wide(name: str, dim: int, side: int):
             "lora_mlp": partial(T.LoRAMLP, dim, 4 * dim),
             "lora_attention": partial(T.LoRAAttention, dim, heads=dim // 64),
             "lora_qkv": partial(T.LoRAQKVAttention, dim, heads=dim // 64),
-            "lora_merged": partial(T.LoRAMergedAttention, dim, heads=dim // 64)}[name]
+            "lora_merged": partial(T.LoRAMergedAttention, dim, heads=dim // 64),
+            "mlp_mixer": partial(T.MixerBlock, dim, tokens=side * side, token_hidden=side * side // 2,
+                                 channel_hidden=4 * dim)}[name]
     shape = (1, dim, side, side)
     torch.manual_seed(0)
     return calibrate(make(), shape), shape
