@@ -253,7 +253,7 @@ class FoldAttentionScale(Rule):
         names = [m.node.name, mm.name]
         if add is not None:
             bi = next(i for i, t in enumerate(add.inputs) if G.const(t) is not None)
-            shape = add.inputs[bi].shape
+            shape = G.const(add.inputs[bi]).shape
             b = np.array(G.const(add.inputs[bi]), dtype=np.float64).reshape(-1)
             b[lo:hi] *= v
             add.inputs[bi] = G.new_weight(g, f"{add.name}.bias", b.reshape(shape), L.data_dtype(add.inputs[bi]))

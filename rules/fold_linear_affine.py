@@ -498,15 +498,19 @@ class TokenWalker(Walker):
         raise NotLinear(f"{op} is not linear on the token axis")
 
 
-def _left_matmul_above(node: gs.Node, depth: int = 0) -> bool:
-    """Whether a constant-left MatMul lies within a few data producers above `node` (the token
-    walk is worth trying)."""
-    if _left_matrix(node) is not None:
-        return True
-    if depth > 6:
-        return False
-    return any(_left_matmul_above(G.producer(i), depth + 1) for i in node.inputs
-               if G.producer(i) is not None and G.const(i) is None)
+def _left_matmul_above(node: gs.Node, limit: int = 24) -> bool:
+    """Whether a constant-left MatMul lies among the first `limit` data producers above `node`
+    (the token walk is worth trying)."""
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if _left_matrix(n) is not None:
+            return True
+        stack.extend(G.producer(i) for i in n.inputs if G.producer(i) is not None and G.const(i) is None)
+    return False
 
 
 def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
