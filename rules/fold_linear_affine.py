@@ -34,11 +34,19 @@ Math: with W [Cout, Cin] (MatMul writes Wᵀ), an affine y = a⊙z + c after: W'
 b' = a⊙b + c; before: W' = W·diag(a), b' = b + W·c; parallel: W' = ΣWᵢ, b' = Σbᵢ; sequential:
 W' = W₂·W₁, b' = W₂·b₁ + b₂. Zero-padding y into columns `cols` of a width-C' tensor is the
 placement matrix P [C', m] with P[cols[j], j] = 1 (kernels.placement_spec); a 1-wide grouped conv
-is a block-diagonal matrix (kernels.pointwise_spec). A Reshape whose input and output share the last dim C moves every
-row of C values unchanged (row-major), so it commutes with a per-row linear map.
+is a block-diagonal matrix (kernels.pointwise_spec). A Reshape whose input and output share the
+last dim C moves every row of C values unchanged (row-major), so it commutes with a per-row
+linear map. The legacy exporter's run-time (row, col) indices of `z[:, cols] = y` with a symbolic
+batch (a Range over z's own rows beside constant columns) are the same placement.
+
+Token mixing (TokenWalker): MatMul(W[N', N], x) with the constant on the LEFT mixes axis -2 of
+x [B, N, C]; the same algebra holds on that axis, with constants of shape [N', 1], BatchNorm on
+[B, N', C] (axis 1 is then W's rows) and pointwise Conv1d as the affines:
+
+    x ─ MatMul(W_tok, ·) ─ Add(b[N', 1]) ─ BatchNormalization ─   ⇒   x ─ MatMul(W', ·) ─ Add(b') ─
 
 Preconditions (each declines): a constant on a non-channel axis (per-token Add, axis-1 BN on
-3-D tokens); a Reshape that changes the last dim (mixes channels with tokens); a Transpose not
+3-D tokens, unless a constant-left MatMul makes that axis the channel axis); a Reshape that changes the last dim (mixes channels with tokens); a Transpose not
 undone by its partner; a non-linearity in between; a weight shared with another node; an
 intermediate read outside the region or a graph output; a merged matrix that costs more than
 the region (a rank-r chain x·A·B without the base branch) unless --aggressive. A Mul/Add right
