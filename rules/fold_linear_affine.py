@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxrep import folding as FO
 from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
@@ -582,7 +583,8 @@ def _runtime_columns(node: gs.Node) -> np.ndarray | None:
                Unsqueeze(Expand(cols, ·), -1), axis=-1)
 
     Row r of the indices is (r, cols[j]) for every r < R: the Range covers z's own rows, and the
-    Expands only broadcast (to the updates' [R, m]: ScatterND requires it). None for anything else."""
+    Expands only broadcast (to the updates' [R, m]: ScatterND requires it) once z and the updates
+    provably have the same row count (folding.symbolic_dims). None for anything else."""
     data, idx = node.inputs[0], node.inputs[1]
     if G.rank(data) != 2 or G.rank(node.inputs[2]) != 2:
         return None
@@ -595,6 +597,11 @@ def _runtime_columns(node: gs.Node) -> np.ndarray | None:
         return None
     c = G.const(cols)
     if c is None or c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
+        return None
+    # The Range covers z's rows; the indices (so the updates) could still have more rows if an
+    # Expand broadcast a single-row Range: require the same row count, proven symbolically.
+    zr, ur = FO.symbolic_dims(data), FO.symbolic_dims(node.inputs[2])
+    if not zr or not ur or zr[0] is None or zr[0] != ur[0]:
         return None
     return c.astype(np.int64)
 

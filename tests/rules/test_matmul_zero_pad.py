@@ -229,3 +229,27 @@ def test_rows_placement_into_runtime_zeros_merges():
     for batch in (1, 4):
         feeds = {m.graph.input[0].name: np.random.default_rng(batch).standard_normal((batch, N, C)).astype(np.float32)}
         assert_equivalent(m, opt, feeds=feeds)
+
+
+def test_runtime_indices_with_other_rows_than_the_updates_decline():
+    """The zeros come from another input's rows: with one row there, the Expand broadcasts the
+    Range and every update lands in row 0 (valid ONNX, not a placement), and the sum broadcasts
+    that row. Not provably the updates' rows: declined, and the outputs stay equal."""
+    b = GraphBuilder(6)
+    x = b.relu(b.input(["rows", C]))
+    other = b.input(["other", 3 * C])
+    u = b.matmul(x, C, 2 * C)
+    z = b.op("ConstantOfShape", [b.op("Shape", [other])])
+    limit = b.op("Gather", [b.op("Shape", [z]), b.ints(0)], axis=0)
+    rows = b.op("Reshape", [b.op("Range", [b.ints(0), limit, b.ints(1)]), b.ints([-1, 1])])
+    target = b.op("Shape", [u])
+    i0 = b.op("Unsqueeze", [b.op("Expand", [rows, target]), b.ints([-1])])
+    i1 = b.op("Unsqueeze", [b.op("Expand", [b.ints(COLS), target]), b.ints([-1])])
+    placed = b.mul(b.op("ScatterND", [z, b.op("Concat", [i0, i1], axis=-1), u]), b.const(np.float32(2.0)))
+    qkv = b.add(b.matmul(x, C, 3 * C), b.randn((3 * C,)))
+    m = b.build(b.relu(b.add(qkv, placed)))
+    out, _ = run_rules(m)
+    assert ops(out).get("ScatterND") == 1
+    feeds = {m.graph.input[0].name: np.random.default_rng(0).standard_normal((4, C)).astype(np.float32),
+             m.graph.input[1].name: np.zeros((1, 3 * C), dtype=np.float32)}
+    assert_equivalent(m, out, feeds=feeds)
