@@ -51,7 +51,8 @@ from .resnet import resnet18, resnet50
 from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
-from .transformers import ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMLP, LoRAQKVAttention, ViTLayerScaleBlock
+from .transformers import (ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMergedAttention, LoRAMLP, LoRAQKVAttention,
+                           MixerBlock, ViTLayerScaleBlock)
 
 __all__ = [
     "ZOO",
@@ -305,7 +306,8 @@ _register(
 # Reshape is counted as Flatten (OP_ALIASES). Each block turns its [1, 16, H, W] input into tokens
 # with one Reshape (Flatten) + Transpose; attention heads are split by a Reshape + Transpose each
 # for q, k, v and merged back by one Transpose + Reshape.
-_ATTN = {"Flatten": 5, "Transpose": 5, "Softmax": 1, "Mul": 1}  # tokens, heads, softmax, q·kᵀ scale
+# The q·kᵀ scale (a scalar Mul on the scores) folds into q's projection (rule fold_attention_scale).
+_ATTN = {"Flatten": 5, "Transpose": 5, "Softmax": 1}  # tokens, heads, softmax
 _GELU = {"Div": 1, "Erf": 1}  # plus one Add and two Mul, counted per entry
 _register(
     "levit", LeViTBlock, (1, 16, 4, 4),
@@ -318,11 +320,11 @@ _register(
     "residual Adds stay.")
 _register(
     "vit_layerscale", ViTLayerScaleBlock, (1, 16, 4, 4),
-    {**_ATTN, **_GELU, "Mul": 3, "MatMul": 8, "Add": 9, "LayerNormalization": 2},
+    {**_ATTN, **_GELU, "Mul": 2, "MatMul": 8, "Add": 9, "LayerNormalization": 2},
     "Pre-norm ViT block (CaiT / DeiT-III) with layer scale on both residual branches, 16 tokens",
     "x + ls1*proj(attn(norm1(x))), x + ls2*fc2(gelu(fc1(norm2(x)))): each layer scale folds into "
-    "the Linear before it (weight columns and bias); no per-channel Mul is left. Mul 3 = the q.kT "
-    "scale and GELU's two; Add 9 = 6 Linear biases, GELU's +1, 2 residuals.")
+    "the Linear before it (weight columns and bias); no per-channel Mul is left, and the q.kT scale "
+    "folds into q's projection. Mul 2 = GELU's two; Add 9 = 6 Linear biases, GELU's +1, 2 residuals.")
 _register(
     "convnext", ConvNeXtBlock, (1, 16, 8, 8),
     {**_GELU, "Conv": 1, "Transpose": 2, "LayerNormalization": 1, "MatMul": 2, "Add": 4, "Mul": 2},
@@ -431,3 +433,22 @@ _register(
     "1x1 would produce, so every sequential branch is one padded 3x3 conv of the input; with the "
     "3x3 and the identity: one 3x3 Conv + PRelu per block (ECBSR's rep_params).  Dynamic axes: "
     "the same gap as dbb_slice (tests/test_zoo.py KNOWN_GAPS).")
+_register(
+    "lora_merged", LoRAMergedAttention, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 4, "Add": 2, "Split": 1},
+    "Self-attention whose fused qkv Linear is loralib's MergedLinear, unmerged: one A for q and v "
+    "(rank 4), B as a grouped conv1d, the adapter output zero-padded to 3C by index assignment "
+    "(ScatterND) and added to the qkv output",
+    "A, the conv1d between its Transpose pair, the ScatterND placement into zeros and the scale are "
+    "one matrix of x, added to the qkv Linear's: one MatMul (rule fold_linear_affine), as loralib's "
+    "merge writes it; qkv, q.kT, attn.v, proj = 4 MatMul; the Split stays.")
+_register(
+    "mlp_mixer", MixerBlock, (1, 16, 4, 4),
+    {**_GELU, "Div": 2, "Erf": 2, "Flatten": 1, "Transpose": 1, "LayerNormalization": 2, "MatMul": 4, "Add": 8,
+     "Mul": 5},
+    "MLP-Mixer block on 16 tokens: LayerNorm, token-mixing MLP written W.X (constant on the left) with "
+    "BatchNorm1d over its output tokens, GELU, channel MLP, layer scale on both residual branches",
+    "The token BN folds into the second token-mixing MatMul's rows and bias (the token axis is the "
+    "channel axis of W.X); the channel branch's layer scale into its second Linear. Left: 4 MatMul + "
+    "4 bias Adds, two GELUs (Div, Erf, Add, 2 Mul each), the token branch's per-channel layer scale "
+    "(Mul: it scales columns of a row-mixing product), 2 residual Adds, 2 LayerNormalization.")

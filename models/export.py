@@ -40,7 +40,8 @@ DEFAULT_OPSET = {"legacy": 17, "legacy-nofold": 17, "legacy18": 18, "legacy18-no
                  "dynamo-noopt": 18}
 AXES: tuple[str, ...] = ("static", "batch", "hw")
 #: zoo models whose graph fixes the input's spatial size (a fully connected layer over the map)
-FIXED_HW: frozenset[str] = frozenset({"repmlp", "mobileone_se"})  # an FC on the map; SE pooling by the traced size
+FIXED_HW: frozenset[str] = frozenset({"repmlp", "mobileone_se", "mlp_mixer"})  # an FC on the map; SE pooling by
+# the traced size; token mixing over a fixed token count
 
 
 def data_path(path: str | os.PathLike) -> Path:

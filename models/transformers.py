@@ -13,6 +13,15 @@ LAST axis), as a patch-embedded ViT stage does:
 - ``ConvNeXtBlock`` (Liu et al., ConvNeXt, CVPR 2022): depthwise 7×7, channels-last LayerNorm,
   Linear(4C) → GELU → Linear(C), per-channel gamma, residual. Deploy: gamma folds into the second
   Linear. (ConvNeXt's own code has no deploy conversion.)
+- ``LoRAMergedAttention``: the fused qkv Linear as loralib's ``MergedLinear`` computes it unmerged:
+  one A for the adapted groups (q and v), B as a grouped 1-wide conv1d, the adapter output
+  zero-padded to 3C by index assignment and added to the qkv output.
+- ``MixerBlock`` (Tolstikhin et al., MLP-Mixer, NeurIPS 2021): a token-mixing MLP written with
+  the constant on the LEFT (``W_tok · X``, biases per token), its second Linear followed by
+  BatchNorm1d over the tokens it makes (LeViT's Linear_BN, on the token axis), then a channel MLP;
+  layer scale on both residual branches. Deploy: the BN folds into the token Linear's rows, the
+  channel branch's layer scale into its second Linear; the token branch's per-channel layer scale
+  stays (it scales the columns of a matrix whose rows are mixed: no Linear to take it).
 - ``LoRAMLP`` / ``LoRAAttention`` (Hu et al., LoRA, ICLR 2022): Linears with an unmerged low-rank
   adapter ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` (rank 4 and 8, scale s = alpha / r); the attention adapts q
   and v. Deploy: the adapter merges into its base (loralib's ``merge``): as many MatMul/Gemm as
@@ -31,7 +40,8 @@ import torch
 from torch import nn
 
 __all__ = ["LinearBN", "LeViTBlock", "LayerScale", "ViTLayerScaleBlock", "ConvNeXtBlock",
-           "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "to_tokens"]
+           "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "MergedLoRALinear",
+           "LoRAMergedAttention", "MixerBlock", "to_tokens"]
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -258,3 +268,111 @@ class LoRAQKVAttention(nn.Module):
         for i, (m, s) in zip((0, 2), ((self.lora_q, self.scaling[0]), (self.lora_v, self.scaling[1]))):
             self.qkv.weight[i * c:(i + 1) * c] += s * (m[1].weight @ m[0].weight)
         self.merged = True
+
+
+class MergedLoRALinear(nn.Module):
+    """A fused Linear(cin, groups·cg) with LoRA on some of its output groups, computed the way
+    loralib's MergedLinear does before merging:
+
+        a = x·Aᵀ                         A [r·k, cin], k = number of adapted groups
+        b = conv1d(a, B, groups=k)       B [cg·k, r]: group i maps its r rows to its cg columns
+        z = zeros(..., groups·cg); z[..., adapted columns] = b   (zero padding by index assignment)
+        y = x·Wᵀ + bias + s·z
+
+    The adapted columns are kept as integer positions (loralib keeps a boolean mask; assigning
+    through a mask on the last axis does not export with torch's dynamo exporter). B is drawn
+    non-zero, as after fine-tuning."""
+
+    def __init__(self, cin: int, cg: int, enable=(True, False, True), rank: int = 4, alpha: float = 8.0):
+        super().__init__()
+        self.cg, self.groups, self.k = cg, len(enable), sum(enable)
+        self.base = nn.Linear(cin, cg * len(enable))
+        self.lora_a = nn.Parameter(torch.randn(rank * self.k, cin) / math.sqrt(cin))
+        self.lora_b = nn.Parameter(torch.randn(cg * self.k, rank) / math.sqrt(rank))
+        self.scaling = alpha / rank
+        cols = [g * cg + j for g, e in enumerate(enable) if e for j in range(cg)]
+        self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        a = torch.nn.functional.linear(x, self.lora_a)
+        b = torch.nn.functional.conv1d(a.transpose(-2, -1), self.lora_b.unsqueeze(-1), groups=self.k)
+        b = b.transpose(-2, -1)
+        width = self.cg * self.groups
+        z = b.new_zeros((*b.shape[:-1], width)).view(-1, width)
+        z[:, self.cols] = b.reshape(-1, self.cg * self.k)
+        return y + z.view((*b.shape[:-1], width)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """The deploy conversion (loralib's merge): group i's rows of W grow by s·B_i·A_i."""
+        if self.merged:
+            return
+        r = self.lora_a.shape[0] // self.k
+        delta = torch.cat([self.lora_b[i * self.cg:(i + 1) * self.cg] @ self.lora_a[i * r:(i + 1) * r]
+                           for i in range(self.k)])
+        self.base.weight[self.cols] += self.scaling * delta
+        self.merged = True
+
+
+class LoRAMergedAttention(nn.Module):
+    """Self-attention whose fused qkv Linear is a MergedLoRALinear adapting q and v (rank 4)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, rank: int = 4):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.qkv = MergedLoRALinear(dim, dim, (True, False, True), rank, alpha=8.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split(self.dim, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * (self.dim // self.heads) ** -0.5
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+    def merge(self) -> None:
+        self.qkv.merge()
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer block on tokens [B, N, C] with the token-mixing Linears written as W·X."""
+
+    def __init__(self, dim: int = 16, tokens: int = 16, token_hidden: int = 32, channel_hidden: int = 32):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.tok_w1 = nn.Parameter(torch.randn(token_hidden, tokens) / math.sqrt(tokens))
+        self.tok_b1 = nn.Parameter(0.1 * torch.randn(token_hidden, 1))
+        self.tok_w2 = nn.Parameter(torch.randn(tokens, token_hidden) / math.sqrt(token_hidden))
+        self.tok_b2 = nn.Parameter(0.1 * torch.randn(tokens, 1))
+        self.tok_bn = nn.BatchNorm1d(tokens)  # on [B, N, C]: axis 1 is the token Linear's output
+        self.ls1 = LayerScale(dim, 0.1)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, dim))
+        self.ls2 = LayerScale(dim, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        h = nn.functional.gelu(self.tok_w1 @ self.norm1(x) + self.tok_b1)
+        x = x + self.ls1(self.tok_bn(self.tok_w2 @ h + self.tok_b2))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """The hand-written conversion: the token BN scales W_tok2's rows (and its bias), the channel
+        branch's layer scale scales fc2's rows; the token branch's layer scale stays."""
+        bn = self.tok_bn
+        if isinstance(bn, nn.Identity):
+            return
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.tok_w2.copy_(s[:, None] * self.tok_w2)
+        self.tok_b2.copy_(s[:, None] * self.tok_b2 + (bn.bias - bn.running_mean * s)[:, None])
+        self.tok_bn = nn.Identity()
+        fc2, g = self.mlp[2], self.ls2.layer_scale
+        fc2.weight.copy_(g[:, None] * fc2.weight)
+        fc2.bias.copy_(g * fc2.bias)
+        self.ls2 = nn.Identity()

@@ -607,3 +607,62 @@ def einsum_matrix(equation: str, weight_rank: int = 2) -> bool | None:
     if len(set(a.replace(".", ""))) != len(a.replace(".", "")):
         return None  # a repeated label on x (a diagonal) is not a matrix product
     return w[0] == o
+
+
+def pointwise_spec(weight, bias=None, group: int = 1, strides=(), pads=()) -> ConvSpec:
+    """A Conv whose kernel is 1 on every spatial axis, stride 1 and unpadded, as the rank-0 spec it
+    is on the channel axis alone: every position's channel vector goes through the same matrix
+    (block-diagonal for group > 1). weight [Cout, Cin/group, 1, ..., 1]. NotMergeable otherwise
+    (a larger kernel or a stride mixes positions; padding adds positions)."""
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim < 2 or any(int(k) != 1 for k in w.shape[2:]):
+        raise NotMergeable(f"Conv kernel {list(w.shape[2:])} is not 1 on every spatial axis")
+    if any(int(s) != 1 for s in strides) or any(int(p) != 0 for p in pads):
+        raise NotMergeable("pointwise Conv with a stride or padding changes the positions")
+    return ConvSpec(w.reshape(w.shape[0], w.shape[1]), bias, group=group)
+
+
+def placement_spec(cols, cout: int) -> ConvSpec:
+    """y[..., cols[j]] = x[..., j], every other output channel 0 (zero-padding by index assignment,
+    `z = zeros(..., cout); z[..., cols] = x`), as the rank-0 spec W [cout, len(cols)] with W[cols[j], j]
+    = 1. NotMergeable when a column repeats (ScatterND leaves the winner undefined) or is out of range."""
+    cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+    cols = np.where(cols < 0, cols + cout, cols)
+    if np.any(cols < 0) or np.any(cols >= cout):
+        raise NotMergeable(f"placement column out of range [0, {cout})")
+    if len(np.unique(cols)) != len(cols):
+        raise NotMergeable("placement writes one column twice")
+    w = np.zeros((cout, len(cols)))
+    w[cols, np.arange(len(cols))] = 1.0
+    return ConvSpec(w, None)
+
+
+def scatter_columns(indices, updates_shape, data_shape) -> np.ndarray | None:
+    """The columns c of ScatterND(data, indices, updates) when it only places whole last-axis rows:
+    indices [*data_shape[:-1], m, rank] with indices[p, j] = (p, c[j]) for every leading position p
+    (what `z[..., cols] = y` exports as). None for any other scatter."""
+    idx = np.asarray(indices)
+    r = len(data_shape)
+    if idx.ndim != r + 1 or idx.shape[-1] != r or tuple(updates_shape) != tuple(idx.shape[:-1]):
+        return None
+    if tuple(updates_shape[:-1]) != tuple(data_shape[:-1]):
+        return None
+    lead = np.stack(np.meshgrid(*[np.arange(d) for d in data_shape[:-1]], indexing="ij"), axis=-1) if r > 1 \
+        else np.zeros((0,), dtype=np.int64)
+    if r > 1 and not np.array_equal(idx[..., :-1], np.broadcast_to(lead[..., None, :], idx[..., :-1].shape)):
+        return None
+    cols = idx[..., -1].reshape(-1, idx.shape[-2])
+    if not np.all(cols == cols[:1]):
+        return None
+    return cols[0].astype(np.int64)
+
+
+def scatter_rows(indices, updates_rank: int, data_rank: int) -> np.ndarray | None:
+    """The rows c of ScatterND(data, indices, updates) when it places whole slices along axis 0
+    (`z[cols] = y`): indices [m, 1] and updates of data's rank. ScatterND itself requires updates
+    to be [m, *data.shape[1:]] (a run-time error otherwise), so the shapes need not be known. None
+    for any other scatter."""
+    idx = np.asarray(indices)
+    if idx.ndim != 2 or idx.shape[1] != 1 or updates_rank != data_rank:
+        return None
+    return idx[:, 0].astype(np.int64)

@@ -22,6 +22,7 @@ ORDER = (
     "fold_conv_into_fc",
     "fold_linear_affine",
     "fold_branch_into_slice",
+    "fold_attention_scale",
     "remove_dead_channels",
     "rm_residual",
 )

@@ -9,6 +9,9 @@ Between two non-linearities everything is again one matrix:
     x ─┬─ MatMul(W) ─ Add(b) ──────────────────┐
        └─ MatMul(A) ─ MatMul(B) ─ Mul(s) ──────┴─ Add ─      LoRA, unmerged
     x ─ MatMul(W1) ─ MatMul(W2) ─                            Linear∘Linear, cost model decides
+    x ─┬─ MatMul(W) ─ Add(b) ─────────────────────────────────────────────┐
+       └─ MatMul(A) ─ T ─ Conv1d(B, groups) ─ T ─ ScatterND(zeros) ─ Mul(s) ┴─ Add ─
+                                                             loralib's MergedLinear, unmerged
   ⇒ x ─ MatMul(W') ─ Add(b') ─                               (Gemm(transB=1) when x is 2-D)
 
 The walk is merge_linear_regions' one, on the last axis: each tensor is `spec · source` with spec
@@ -19,17 +22,31 @@ the rank-0 ConvSpec [Cout, Cin] of onnxrep.kernels, through
     BatchNormalization on a 2-D tensor (its axis 1 is the last)       affine_after(form(x))
     Reshape / Flatten keeping the last dim                            the same rows, regrouped
     Transpose(p) → per-channel affines on axis k → Transpose(p⁻¹)     affine on the last axis
+      … a pointwise Conv (1-wide, stride 1, unpadded) when k = 1,      compose(form(x), conv)
+      … a ScatterND of whole slices into zeros when k = 0             compose(form(x), P)
+    ScatterND of whole last-axis rows into zeros (z[..., cols] = y)   compose(form(x), P)
+    Expand that keeps the shape                                       form(x)
     Add / Sub / Sum of same-shaped tensors                            add(forms)
 
 and stops at anything else, at a tensor another node reads (fan-out) or a graph output.
 
 Math: with W [Cout, Cin] (MatMul writes Wᵀ), an affine y = a⊙z + c after: W' = diag(a)·W,
 b' = a⊙b + c; before: W' = W·diag(a), b' = b + W·c; parallel: W' = ΣWᵢ, b' = Σbᵢ; sequential:
-W' = W₂·W₁, b' = W₂·b₁ + b₂. A Reshape whose input and output share the last dim C moves every
-row of C values unchanged (row-major), so it commutes with a per-row linear map.
+W' = W₂·W₁, b' = W₂·b₁ + b₂. Zero-padding y into columns `cols` of a width-C' tensor is the
+placement matrix P [C', m] with P[cols[j], j] = 1 (kernels.placement_spec); a 1-wide grouped conv
+is a block-diagonal matrix (kernels.pointwise_spec). A Reshape whose input and output share the
+last dim C moves every row of C values unchanged (row-major), so it commutes with a per-row
+linear map. The legacy exporter's run-time (row, col) indices of `z[:, cols] = y` with a symbolic
+batch (a Range over z's own rows beside constant columns) are the same placement.
+
+Token mixing (TokenWalker): MatMul(W[N', N], x) with the constant on the LEFT mixes axis -2 of
+x [B, N, C]; the same algebra holds on that axis, with constants of shape [N', 1], BatchNorm on
+[B, N', C] (axis 1 is then W's rows) and pointwise Conv1d as the affines:
+
+    x ─ MatMul(W_tok, ·) ─ Add(b[N', 1]) ─ BatchNormalization ─   ⇒   x ─ MatMul(W', ·) ─ Add(b') ─
 
 Preconditions (each declines): a constant on a non-channel axis (per-token Add, axis-1 BN on
-3-D tokens); a Reshape that changes the last dim (mixes channels with tokens); a Transpose not
+3-D tokens, unless a constant-left MatMul makes that axis the channel axis); a Reshape that changes the last dim (mixes channels with tokens); a Transpose not
 undone by its partner; a non-linearity in between; a weight shared with another node; an
 intermediate read outside the region or a graph output; a merged matrix that costs more than
 the region (a rank-r chain x·A·B without the base branch) unless --aggressive. A Mul/Add right
@@ -43,6 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxrep import folding as FO
 from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
@@ -53,7 +71,8 @@ MATRIX_OPS = ("MatMul", "Gemm", "Einsum")
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div", "BatchNormalization")
 SUM_OPS = ("Add", "Sub", "Sum")
 REGROUP_OPS = ("Reshape", "Flatten")
-WALKED = frozenset(MATRIX_OPS + AFFINE_OPS + SUM_OPS + REGROUP_OPS + ("Transpose",))
+CHANNEL_OPS = ("Conv", "ScatterND", "Expand")  # between a Transpose pair (see _transposed_affines)
+WALKED = frozenset(MATRIX_OPS + AFFINE_OPS + SUM_OPS + REGROUP_OPS + ("Transpose", "ScatterND", "Expand"))
 MAX_DEPTH = 64
 
 
@@ -64,6 +83,7 @@ class Form:
     source: gs.Tensor
     spec: K.ConvSpec
     nodes: list = field(default_factory=list)
+    tokens: bool = True  # provably the source's token axes (no Reshape, or one that restores them)
 
 
 class NotLinear(Exception):
@@ -284,6 +304,10 @@ class Walker:
             return self._regroup(node, depth)
         if op == "Transpose":
             return self._transposed_affines(node, depth)
+        if op == "ScatterND":
+            return self._scatter(node, depth)
+        if op == "Expand":
+            return self._expand(node, depth)
         raise NotLinear(f"{op} is not linear")
 
     def _compose(self, node, spec: K.ConvSpec, x, depth) -> Form:
@@ -291,8 +315,8 @@ class Walker:
             raise NotLinear(f"{node.op} reads {_last(x)} channels on the last axis, its weight {spec.cin}")
         inner = self.operand(x, node, depth)
         if not inner.nodes:
-            return Form(inner.source, spec, [node])
-        return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node])
+            return Form(inner.source, spec, [node], inner.tokens)
+        return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node], inner.tokens)
 
     def _affine(self, node, aff: L.Affine, depth) -> Form:
         inner = self.operand(aff.x, node, depth)
@@ -300,7 +324,7 @@ class Walker:
         if aff.scale.size not in (1, cout) or aff.shift.size not in (1, cout):
             raise NotLinear("affine channel count mismatch")
         a, c = aff.broadcast(cout)
-        return Form(inner.source, K.affine_after(inner.spec, a, c, inplace=True), inner.nodes + [node])
+        return Form(inner.source, K.affine_after(inner.spec, a, c, inplace=True), inner.nodes + [node], inner.tokens)
 
     def _sum(self, node, depth) -> Form:
         out = node.outputs[0]
@@ -308,10 +332,10 @@ class Walker:
         if node.op == "Sub":
             signs[1] = -1.0
         terms = [(self.operand(t, node, depth), s) for t, s in zip(node.inputs, signs)]
-        if any(not _same_dims(i.shape, out.shape) for i in node.inputs) and any(
-                n.op in REGROUP_OPS for f, _ in terms for n in f.nodes):
-            # without a Reshape in any term, every term has the source's shape (MatMul and
-            # last-axis affines keep the leading axes); with one, only known equal shapes are safe
+        if any(not _same_dims(i.shape, out.shape) and not f.tokens for i, (f, _) in zip(node.inputs, terms)):
+            # a term without a Reshape, or whose last Reshape restores the source's token axes, has the
+            # source's shape (MatMul and last-axis affines keep the leading axes); otherwise only
+            # known equal shapes are safe
             raise NotLinear(f"{node.op} may broadcast its terms (shapes not provably equal)")
         if len({id(f.source) for f, _ in terms}) != 1:
             names = ", ".join(sorted({f"'{f.source.name}'" for f, _ in terms}))
@@ -323,7 +347,7 @@ class Walker:
                 if id(n) not in seen:
                     seen.add(id(n))
                     nodes.append(n)
-        return Form(terms[0][0].source, K.add(specs), nodes + [node])
+        return Form(terms[0][0].source, K.add(specs), nodes + [node], all(f.tokens for f, _ in terms))
 
     def _regroup(self, node, depth) -> Form:
         x, y = node.inputs[0], node.outputs[0]
@@ -331,10 +355,13 @@ class Walker:
         if cx is None or cy is None or cx != cy:
             raise NotLinear(f"{node.op} changes the last axis ({_last(x)} → {_last(y)}): it mixes channels and tokens")
         inner = self.operand(x, node, depth)
-        return Form(inner.source, inner.spec, inner.nodes + [node])
+        return Form(inner.source, inner.spec, inner.nodes + [node], _restores(node, inner))
 
     def _transposed_affines(self, outer: gs.Node, depth) -> Form:
-        """Transpose(p) → per-channel affines on the axis p took the last axis to → Transpose back."""
+        """Transpose(p) → ops on the axis p took the last axis to → Transpose back: per-channel
+        affines on that axis, a pointwise (1×1, stride 1, unpadded) Conv when it is axis 1, a
+        ScatterND placing whole slices along it when it is axis 0 (zero-padding by index
+        assignment), an Expand that keeps the shape. Each is a matrix on the channel axis."""
         r = G.rank(outer.inputs[0])
         perm2 = outer.attrs.get("perm")
         if r is None or perm2 is None:
@@ -347,9 +374,12 @@ class Walker:
             if n.op == "Transpose":
                 inner_t = n
                 break
-            if n.op not in AFFINE_OPS:
+            if n.op not in AFFINE_OPS + CHANNEL_OPS:
                 raise NotLinear(f"{n.op} between a Transpose pair is not a per-channel affine")
             chain.append(n)
+            if n.op in CHANNEL_OPS:
+                t = n.inputs[2] if n.op == "ScatterND" else n.inputs[0]
+                continue
             cd = _const_and_data(n) if n.op != "BatchNormalization" else (n.inputs[0], None, False)
             if cd is None:
                 raise NotLinear(f"{n.op} between a Transpose pair has no constant operand")
@@ -362,16 +392,293 @@ class Walker:
         c = _last(x)
         if c is None:
             raise NotLinear(f"channel count (last dim) of '{x.name}' is unknown")
-        scale, shift = np.ones(c), np.zeros(c)
+        spec = K.identity(c, 0)
         for n in reversed(chain):  # innermost first
+            if n.op in CHANNEL_OPS:
+                m = channel_matrix(n, k)
+                if isinstance(m, str):
+                    raise NotLinear(m)
+                if m is not None:
+                    if m.cin != spec.cout:
+                        raise NotLinear(f"{n.op} reads {m.cin} channels, its input has {spec.cout}")
+                    spec = K.compose(spec, m)
+                continue
             aff = axis_affine(n, k)
             if isinstance(aff, str):
                 raise NotLinear(aff)
-            a, b = aff.broadcast(c)
-            scale, shift = a * scale, a * shift + b
+            a, b = aff.broadcast(spec.cout)
+            spec = K.affine_after(spec, a, b)
         inner = self.operand(x, inner_t, depth)
-        spec = K.affine_after(inner.spec, scale, shift, inplace=True)
-        return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer])
+        spec = K.compose(inner.spec, spec)
+        return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer], inner.tokens)
+
+    def _scatter(self, node, depth) -> Form:
+        """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix."""
+        m = channel_matrix(node, None)
+        if isinstance(m, str) or m is None:
+            raise NotLinear(m or "ScatterND is not a placement")
+        inner = self.operand(node.inputs[2], node, depth)
+        if inner.spec.cout != m.cin:
+            raise NotLinear(f"ScatterND places {m.cin} columns, its updates have {inner.spec.cout}")
+        return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node], inner.tokens)
+
+    def _expand(self, node, depth) -> Form:
+        if channel_matrix(node, None) is not None:
+            raise NotLinear("Expand changes the shape")
+        inner = self.operand(node.inputs[0], node, depth)
+        return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
+
+
+def _second_last(t: gs.Tensor) -> int | None:
+    """The size of t's axis -2 (the rows a constant-left MatMul mixes): from its shape, or from the
+    constant left operand of the MatMul that makes it."""
+    shape = t.shape
+    if shape and len(shape) >= 2 and isinstance(shape[-2], (int, np.integer)) and shape[-2] > 0:
+        return int(shape[-2])
+    n = G.producer(t)
+    if n is not None and n.op == "MatMul" and isinstance(n.inputs[0], gs.Constant) and n.inputs[0].shape is not None \
+            and len(n.inputs[0].shape) == 2:
+        return int(n.inputs[0].shape[0])
+    return None
+
+
+def _left_matrix(node: gs.Node) -> gs.Constant | None:
+    """W when node is MatMul(W, x) with a constant 2-D W and a tensor x (token mixing, W_tok·X)."""
+    if node.op != "MatMul":
+        return None
+    w, x = node.inputs
+    if not isinstance(w, gs.Constant) or w.shape is None or len(w.shape) != 2 or G.const(x) is not None:
+        return None
+    return w
+
+
+class TokenWalker(Walker):
+    """The walk on axis -2 (tokens of [B, N, C] mixed by a constant on the LEFT, MLP-Mixer's
+    W_tok·X): MatMul(W[N', N], x) is the matrix W on that axis, a constant of shape [N', 1] (or a
+    BatchNormalization on [B, N', C], whose axis 1 is then this axis, or the pointwise Conv1d that
+    merge_linear_regions makes of such affines) is per row, sums add. No Reshape, Transpose or
+    scatter is walked: a region of these keeps the source's other axes."""
+
+    def leaf(self, t: gs.Tensor) -> Form:
+        c = _second_last(t)
+        if G.rank(t) is None or G.rank(t) < 2:
+            raise NotLinear(f"'{t.name}' is not a tensor of rows (rank < 2)")
+        if c is None:
+            raise NotLinear(f"row count (axis -2) of '{t.name}' is unknown")
+        dt = G.dtype_of(t)
+        if dt is not None and not np.issubdtype(dt, np.floating):
+            raise NotLinear(f"'{t.name}' is not floating point")
+        return Form(t, K.identity(c, 0), [])
+
+    def form(self, t: gs.Tensor, depth: int = 0) -> Form:
+        if depth > MAX_DEPTH:
+            raise NotLinear("region too deep")
+        node = G.producer(t)
+        if node is None:
+            raise NotLinear("no producer")
+        op = node.op
+        w = _left_matrix(node)
+        if w is not None:
+            x = node.inputs[1]
+            if G.rank(x) is None or G.rank(x) < 2 or _second_last(x) != int(w.shape[1]):
+                raise NotLinear(f"MatMul's constant left operand mixes {int(w.shape[1])} rows, its input has {_second_last(x)}")
+            spec = K.ConvSpec(np.asarray(G.const(w), dtype=np.float64), None)
+            inner = self.operand(x, node, depth)
+            if not inner.nodes:
+                return Form(inner.source, spec, [node])
+            return Form(inner.source, K.compose(inner.spec, spec), inner.nodes + [node])
+        if op == "Conv" and G.rank(t) == 3:  # [B, N, C]: the Conv's channel axis 1 is this axis
+            m = channel_matrix(node, 1)
+            if isinstance(m, str) or m is None:
+                raise NotLinear(m or "Conv is not a matrix")
+            inner = self.operand(node.inputs[0], node, depth)
+            if inner.spec.cout != m.cin:
+                raise NotLinear(f"Conv reads {m.cin} rows, its input has {inner.spec.cout}")
+            return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node])
+        if op in AFFINE_OPS:
+            aff = axis_affine(node, -2)
+            if not isinstance(aff, str):
+                return self._affine(node, aff, depth)
+            if op in SUM_OPS and all(G.const(i) is None for i in node.inputs):
+                return self._sum(node, depth)
+            raise NotLinear(aff)
+        if op == "Sum":
+            return self._sum(node, depth)
+        raise NotLinear(f"{op} is not linear on the token axis")
+
+
+def _left_matmul_above(node: gs.Node, limit: int = 24) -> bool:
+    """Whether a constant-left MatMul lies among the first `limit` data producers above `node`
+    (the token walk is worth trying)."""
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if _left_matrix(n) is not None:
+            return True
+        stack.extend(G.producer(i) for i in n.inputs if G.producer(i) is not None and G.const(i) is None)
+    return False
+
+
+def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
+    """Whether t is all zeros (ScatterND's data when a tensor is zero-padded): a constant, a
+    ConstantOfShape of 0 (its shape computed at run time), or a Transpose/Reshape/Expand of one."""
+    v = G.const(t)
+    if v is not None:
+        return not np.any(v)
+    n = G.producer(t)
+    if n is None or depth > 4:
+        return False
+    if n.op == "ConstantOfShape":
+        value = n.attrs.get("value")
+        return value is None or not np.any(value.values if isinstance(value, gs.Constant) else value)
+    return n.op in ("Transpose", "Reshape", "Expand", "Unsqueeze", "CastLike") and _zeros(n.inputs[0], depth + 1)
+
+
+def _ints(t: gs.Tensor) -> list[int] | None:
+    v = G.const(t)
+    return None if v is None or not np.issubdtype(v.dtype, np.integer) else [int(i) for i in v.reshape(-1)]
+
+
+def _unsqueezed_last(t: gs.Tensor) -> gs.Tensor | None:
+    """x when t = Unsqueeze(x, [-1]) (a new last axis), else None."""
+    n = G.producer(t)
+    if n is None or n.op != "Unsqueeze":
+        return None
+    axes = _ints(n.inputs[1]) if len(n.inputs) > 1 else list(n.attrs.get("axes", []))
+    r = G.rank(t)
+    return n.inputs[0] if axes is not None and len(axes) == 1 and r and axes[0] % r == r - 1 else None
+
+
+def _expanded(t: gs.Tensor) -> gs.Tensor | None:
+    n = G.producer(t)
+    return n.inputs[0] if n is not None and n.op == "Expand" else None
+
+
+def _rows_of(t: gs.Tensor, data: gs.Tensor) -> bool:
+    """Whether t = Reshape(Range(0, rows of data, 1), [-1, 1]): each row's own index."""
+    n = G.producer(t)
+    if n is None or n.op != "Reshape" or _ints(n.inputs[1]) != [-1, 1]:
+        return False
+    rng = G.producer(n.inputs[0])
+    if rng is None or rng.op != "Range" or _ints(rng.inputs[0]) != [0] or _ints(rng.inputs[2]) != [1]:
+        return False
+    lim = G.producer(rng.inputs[1])
+    if lim is not None and lim.op == "Cast":
+        lim = G.producer(lim.inputs[0])
+    if lim is None or lim.op != "Gather" or _ints(lim.inputs[1]) != [0] or int(lim.attrs.get("axis", 0)) != 0:
+        return False
+    sh = G.producer(lim.inputs[0])
+    return (sh is not None and sh.op == "Shape" and sh.inputs[0] is data
+            and sh.attrs.get("start") in (None, 0) and "end" not in sh.attrs)
+
+
+def _runtime_columns(node: gs.Node) -> np.ndarray | None:
+    """The columns of a ScatterND into a 2-D [R, C'] whose (row, column) indices the legacy exporter
+    computes at run time for `z[:, cols] = y` with a symbolic R:
+
+        Concat(Unsqueeze(Expand(Reshape(Range(0, Shape(z)[0], 1), [-1, 1]), ·), -1),
+               Unsqueeze(Expand(cols, ·), -1), axis=-1)
+
+    Row r of the indices is (r, cols[j]) for every r < R: the Range covers z's own rows, and the
+    Expands only broadcast (to the updates' [R, m]: ScatterND requires it) once z and the updates
+    provably have the same row count (folding.symbolic_dims). None for anything else."""
+    data, idx = node.inputs[0], node.inputs[1]
+    if G.rank(data) != 2 or G.rank(node.inputs[2]) != 2:
+        return None
+    cat = G.producer(idx)
+    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or int(cat.attrs.get("axis", 0)) % 3 != 2:
+        return None
+    rows, cols = (_unsqueezed_last(t) for t in cat.inputs)
+    rows, cols = (_expanded(t) if t is not None else None for t in (rows, cols))
+    if rows is None or cols is None or not _rows_of(rows, data):
+        return None
+    c = G.const(cols)
+    if c is None or c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
+        return None
+    # The Range covers z's rows; the indices (so the updates) could still have more rows if an
+    # Expand broadcast a single-row Range: require the same row count, proven symbolically.
+    zr, ur = FO.symbolic_dims(data), FO.symbolic_dims(node.inputs[2])
+    if not zr or not ur or zr[0] is None or zr[0] != ur[0]:
+        return None
+    return c.astype(np.int64)
+
+
+def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
+    """A Conv / ScatterND / Expand acting on channel `axis` (None: the last axis) as the rank-0
+    spec it applies to every position, None for an Expand that keeps the shape (the identity),
+    or the reason it is neither."""
+    if node.op == "Expand":
+        s_in, shape = G.static_shape(node.inputs[0]), G.const(node.inputs[1])
+        if s_in is None or shape is None:
+            return "Expand of a tensor whose shape is not static"
+        want = [int(v) for v in shape.reshape(-1)]
+        if len(want) > len(s_in) or any(w not in (1, d) for w, d in zip(want[::-1], s_in[::-1])):
+            return "Expand changes the shape"
+        return None
+    if node.op == "Conv":
+        r = G.rank(node.inputs[0])
+        if axis is None or r is None or axis % r != 1:
+            return "Conv acts on axis 1, not the channel axis"
+        w = G.const(node.inputs[1])
+        b = G.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if w is None or (len(node.inputs) > 2 and node.inputs[2].name and b is None):
+            return "Conv weight or bias is not constant"
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+            return "Conv with auto_pad"
+        try:
+            return K.pointwise_spec(w, b, int(node.attrs.get("group", 1)), node.attrs.get("strides", ()),
+                                    node.attrs.get("pads", ()))
+        except K.NotMergeable as e:
+            return str(e)
+    if node.op == "ScatterND":
+        red = node.attrs.get("reduction", "none")
+        if (red.decode() if isinstance(red, bytes) else red) != "none":
+            return "ScatterND with a reduction"
+        data, idx = node.inputs[0], G.const(node.inputs[1])
+        if not _zeros(data) or (idx is None and _runtime_columns(node) is None):
+            return "ScatterND does not write into zeros at constant indices"
+        r = G.rank(data)
+        if r is None:
+            return "ScatterND's data has an unknown rank"
+        if (axis is None or axis % r == r - 1) and idx is None and r == 2:
+            cols = _runtime_columns(node)
+            d1 = (data.shape or [None, None])[-1]
+            cout = int(d1) if isinstance(d1, (int, np.integer)) and d1 > 0 else None
+            if cols is not None and _last(node.inputs[2]) != len(cols):
+                cols = None
+        elif axis is None or axis % r == r - 1:
+            d_shape, u_shape = G.static_shape(data), G.static_shape(node.inputs[2])
+            cols = None if d_shape is None or u_shape is None else K.scatter_columns(idx, u_shape, d_shape)
+            cout = None if d_shape is None else d_shape[-1]
+        elif axis % r == 0:
+            # only the channel count has to be known (scatter_rows: ScatterND checks the rest)
+            cols = K.scatter_rows(idx, G.rank(node.inputs[2]), r)
+            d0 = (data.shape or [None])[0]
+            cout = int(d0) if isinstance(d0, (int, np.integer)) and d0 > 0 else None
+        else:
+            cols = cout = None
+        if cols is None or cout is None:
+            return "ScatterND does not place whole slices along the channel axis"
+        try:
+            return K.placement_spec(cols, cout)
+        except K.NotMergeable as e:
+            return str(e)
+    return f"{node.op} is not a channel map"
+
+
+def _restores(node: gs.Node, inner: Form) -> bool:
+    """Whether the Reshape `node` provably gives its output the source's token axes: a constant
+    shape that restores them (_restores_token_axes; rows are never regrouped across a kept last
+    axis, so its -1 is the source's dim)."""
+    if node.op != "Reshape" or len(node.inputs) < 2 or int(node.attrs.get("allowzero", 0)):
+        return False
+    shape = G.const(node.inputs[1])
+    if shape is None or shape.ndim != 1 or shape.size == 0 or np.any(shape == 0):
+        return False
+    return _restores_token_axes(inner.source, shape, int(shape[-1]))
 
 
 def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
@@ -388,6 +695,24 @@ def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
             if any(id(r) not in inside and not (r.op == "Shape" and id(o) in shaped) for r in o.outputs):
                 return f"intermediate '{o.name}' is read outside the region"
     return None
+
+
+def _feeds_only(graph, node: gs.Node, inside: set, limit: int = 64) -> bool:
+    """Whether everything computed from `node` ends in nodes of the region (`inside`, by id): no
+    graph output and no other node depends on it, so the region's removal leaves it dead."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if len(seen) > limit:
+            return False
+        for o in n.outputs:
+            if G.is_graph_output(graph, o):
+                return False
+            stack.extend(r for r in o.outputs if id(r) not in inside)
+    return True
 
 
 def _only_shape_readers_besides(graph, t: gs.Tensor, reader: gs.Node) -> bool:
@@ -411,18 +736,20 @@ def _same_shape_as_out(region, t: gs.Tensor) -> bool:
     return _shape_of(region.root) is t or (G.static_shape(t) is not None and _same_dims(t.shape, region.out.shape))
 
 
-def _row_cost(n: gs.Node) -> int:
+def _row_cost(n: gs.Node, axis: int = -1) -> int:
     """MACs plus elements read and written per row (token) of a region's node: every node of the
     region sees the same rows, regrouped, so per-row costs compare regions whatever the batch and
     token counts (which may be unknown here). As merge_linear_regions.node_cost, per row."""
     if n.op in REGROUP_OPS:
         return 0  # a view at run time
-    out = _last(n.outputs[0]) or 1
+    chan = _last if axis == -1 else _second_last
+    out = chan(n.outputs[0]) or 1
     if n.op in MATRIX_OPS:
-        dims = matrix_dims(n)
+        left = _left_matrix(n) if axis == -2 else None
+        dims = (int(left.shape[1]), int(left.shape[0])) if left is not None else matrix_dims(n)
         cin = dims[0] if dims is not None else out
         return cin * out + cin + out
-    reads = sum(_last(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
+    reads = sum(chan(i) or out for i in n.inputs if not isinstance(i, gs.Constant))
     return out + out + reads
 
 
@@ -439,13 +766,15 @@ class Region:
     why_not: str | None = None
     shape: np.ndarray | None = None  # what the merged MatMul's output is reshaped to (_out_shape)
     shape_read: list = field(default_factory=list)  # intermediates Shape nodes read (Walker.shape_read)
+    dead_shape: list = field(default_factory=list)  # of those, the ones whose Shape only feeds the region
+    axis: int = -1  # the channel axis: -1, or -2 for a token-mixing region (TokenWalker)
 
 
 class FoldLinearAffine(Rule):
     name = "fold_linear_affine"
     description = ("fold per-channel affines (BN1d in Reshape/Transpose pairs, layer scale, bias), parallel "
                    "(LoRA) and sequential MatMuls on channel-last tokens into one MatMul")
-    anchors = MATRIX_OPS + AFFINE_OPS + ("Sum", "Reshape", "Flatten", "Transpose")
+    anchors = MATRIX_OPS + AFFINE_OPS + ("Sum", "Reshape", "Flatten", "Transpose", "Conv")
     outputs_first = True
 
     def match(self, node, ctx):
@@ -456,6 +785,12 @@ class FoldLinearAffine(Rule):
             return None  # a region of one op
         if _plain_linear(ctx.graph, node):
             return None  # a Linear as exported, nothing foldable around it: skip reading its weight
+        if _left_matmul_above(node):
+            token = self._token_region(node, out, ctx)
+            if token is not None or node.op == "Conv":
+                return token
+        if node.op == "Conv":
+            return None  # a Conv ends a region only on the token axis (a pointwise Conv1d on [B, N, C])
         walker = Walker(ctx.graph)
         try:
             form = walker.form(out)
@@ -471,6 +806,16 @@ class FoldLinearAffine(Rule):
             return None  # what this rule would write: a fixed point
         return Region(node, out, form, shape_read=list(walker.shape_read))
 
+    def _token_region(self, node, out, ctx):
+        walker = TokenWalker(ctx.graph)
+        try:
+            form = walker.form(out)
+        except (NotLinear, K.NotMergeable) as e:
+            return Region(node, out, None, f"{e}", axis=-2) if node.op == "BatchNormalization" else None
+        if len(form.nodes) < 2 or not any(_left_matrix(n) is not None for n in form.nodes) or _already_deploy(form.nodes):
+            return None
+        return Region(node, out, form, axis=-2)
+
     def check(self, region: Region, ctx):
         if region.form is None:
             return region.why_not
@@ -480,18 +825,23 @@ class FoldLinearAffine(Rule):
         reason = _escapes(ctx.graph, form.nodes, region.out, region.shape_read)
         if reason:
             return reason
+        region.dead_shape = []
         for t in region.shape_read:
-            if not _same_shape_as_out(region, t):
-                return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
+            if _same_shape_as_out(region, t):
+                continue
+            if all(_feeds_only(ctx.graph, r, inside) for r in t.outputs if r.op == "Shape"):
+                region.dead_shape.append(t)  # its shape only sizes the region's own zeros/indices
+                continue
+            return f"'{t.name}' is read by a Shape node and the region's output may differ in shape"
         for n in form.nodes:
             if n.op in MATRIX_OPS:
-                r = G.shared_constant_reason(n.inputs[1])
+                r = G.shared_constant_reason(n.inputs[0 if _left_matrix(n) is not None else 1])
                 if r:
                     return r
         region.shape = _out_shape(region)
         if region.shape is None and not _reshaped_again(ctx.graph, region.out):
             return "the region regroups the token axes and the output shape is not static"
-        before = sum(_row_cost(n) for n in form.nodes if not _free_affine(n, form.nodes))
+        before = sum(_row_cost(n, region.axis) for n in form.nodes if not _free_affine(n, form.nodes, region.axis))
         after = _merged_row_cost(form.spec)
         if after > before and not ctx.options.aggressive:
             return (f"merged MatMul would cost more ({after:,} vs {before:,} MACs+elements moved per token); "
@@ -507,12 +857,17 @@ class FoldLinearAffine(Rule):
         names = [n.name for n in form.nodes]
         main = next((n for n in form.nodes if n.op in MATRIX_OPS), form.nodes[-1]).name
         main = main or G.unique_node_name(ctx.graph, "onnxrep_matmul")
+        dead = {id(t) for t in region.dead_shape}
         for t in region.shape_read:
             for r in [r for r in t.outputs if r.op == "Shape"]:
-                r.inputs[0] = out  # same shape (_same_shape_as_out); the region no longer makes t
+                # same shape (_same_shape_as_out), or a value only the removed region used (it dies
+                # with it; reading the source keeps the graph well formed until cleanup)
+                r.inputs[0] = src if id(t) in dead else out
         for n in form.nodes:
             G.remove_node(n)
         g = ctx.graph
+        if region.axis == -2:
+            return _rewrite_token_mixing(g, spec, src, out, dtype, main, names)
         if G.rank(src) == 2 and G.rank(out) == 2:
             node = L.make_conv(g, spec, src, out, dtype, main)
             return Rewrite("", names, [node.name], f"{len(names)} ops → Gemm {spec.cin}→{spec.cout}")
@@ -549,7 +904,7 @@ def _out_shape(region: Region) -> np.ndarray | None:
     None when there is none."""
     src, out = region.form.source, region.out
     twin = _shape_of(region.root)
-    if not any(n.op in REGROUP_OPS for n in region.form.nodes):
+    if region.form.tokens:
         return np.zeros(0, dtype=np.int64)  # MatMul, last-axis affines and sums keep the token axes
     if _same_dims(src.shape[:-1], out.shape[:-1]) or (
             twin is not None and id(G.producer(twin)) in {id(n) for n in region.form.nodes}
@@ -649,12 +1004,28 @@ def _near_miss(node: gs.Node) -> bool:
     return False
 
 
-def _free_affine(n: gs.Node, nodes) -> bool:
+def _free_affine(n: gs.Node, nodes, axis: int = -1) -> bool:
     """A per-channel affine (or regroup) right after a matrix product folds into it on its own."""
     if n.op not in AFFINE_OPS:
         return False
-    aff = axis_affine(n)
+    aff = axis_affine(n, None if axis == -1 else axis)
     if isinstance(aff, str):
         return False
     up = G.producer(aff.x)
     return up is not None and up.op in MATRIX_OPS and any(u is up for u in nodes)
+
+
+def _rewrite_token_mixing(g, spec: K.ConvSpec, src, out, dtype, main: str, names) -> Rewrite:
+    """MatMul(W', src) (+ Add(b'[:, None])): the token-mixing region's deploy form."""
+    created = []
+    has_bias = bool(np.any(spec.bias != 0))
+    mm_out = out if not has_bias else G.new_variable(g, f"{main}_mm", dtype=out.dtype, shape=out.shape)
+    w = G.new_weight(g, f"{main}.weight", np.ascontiguousarray(spec.weight), dtype)
+    g.nodes.append(gs.Node("MatMul", main, {}, [w, src], [mm_out]))
+    created.append(main)
+    if has_bias:
+        b = G.new_weight(g, f"{main}.bias", spec.bias.reshape(-1, 1), dtype)
+        name = G.unique_node_name(g, f"{main}_bias")
+        g.nodes.append(gs.Node("Add", name, {}, [mm_out, b], [out]))
+        created.append(name)
+    return Rewrite("", names, created, f"{len(names)} ops → token-mixing MatMul {spec.cin}→{spec.cout}")

@@ -140,3 +140,55 @@ def test_matmul_weight_expands_groups():
     """A grouped rank-0 spec (from a depthwise affine) is written as its dense [Cin, Cout] matrix."""
     spec = K.affine_after(K.identity(4, 0), np.arange(1.0, 5.0), np.zeros(4))
     np.testing.assert_allclose(K.matmul_weight(spec), np.diag(np.arange(1.0, 5.0)))
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_spec_is_torch_conv1d(group, bias):
+    """A 1-wide grouped conv1d on [B, C, N] is the block-diagonal matrix pointwise_spec gives,
+    applied to the tokens [B, N, C] (loralib's MergedLinear B)."""
+    x = tokens(c=8)
+    w = RNG.standard_normal((12, 8 // group, 1))
+    b = RNG.standard_normal(12) if bias else None
+    ref = F.conv1d(t(x).transpose(1, 2), t(w), None if b is None else t(b), groups=group).transpose(1, 2)
+    np.testing.assert_allclose(apply(K.pointwise_spec(w, b, group), x), ref.numpy(), atol=ATOL)
+
+
+@pytest.mark.parametrize("kernel, strides, pads", [((3,), (), ()), ((1,), (2,), ()), ((1,), (), (1, 1))])
+def test_pointwise_spec_refuses_position_mixing(kernel, strides, pads):
+    """A wider kernel, a stride or padding is not a per-position matrix."""
+    with pytest.raises(K.NotMergeable):
+        K.pointwise_spec(RNG.standard_normal((4, 4) + kernel), None, 1, strides, pads)
+
+
+def test_placement_spec_is_torch_index_assignment():
+    """z = zeros(..., 12); z[..., cols] = y is y through placement_spec(cols, 12); negative
+    columns count from the end, as torch's indexing does."""
+    y = tokens(c=5)
+    cols = [0, 3, 4, -2, 7]
+    z = torch.zeros(y.shape[:-1] + (12,), dtype=torch.float64)
+    z[..., torch.tensor(cols)] = t(y)
+    np.testing.assert_allclose(apply(K.placement_spec(cols, 12), y), z.numpy(), atol=ATOL)
+
+
+@pytest.mark.parametrize("cols", [[0, 0, 1], [0, 12]])
+def test_placement_spec_refuses_repeats_and_out_of_range(cols):
+    with pytest.raises(K.NotMergeable):
+        K.placement_spec(cols, 12)
+
+
+def test_scatter_columns_and_rows_read_index_assignment():
+    """The (row, col) indices of `z[:, cols] = y` on [R, C] and the [m, 1] indices of
+    `z[cols] = y` give back cols; a scatter that moves rows or varies the columns per row gives None."""
+    cols = np.array([1, 4, 5])
+    full = np.stack(np.broadcast_arrays(np.arange(6)[:, None], cols[None, :]), axis=-1)
+    assert K.scatter_columns(full, (6, 3), (6, 8)).tolist() == cols.tolist()
+    moved = full.copy()
+    moved[..., 0] = moved[::-1, :, 0]
+    assert K.scatter_columns(moved, (6, 3), (6, 8)) is None
+    varied = full.copy()
+    varied[2, :, 1] = [0, 2, 3]
+    assert K.scatter_columns(varied, (6, 3), (6, 8)) is None
+    assert K.scatter_rows(cols.reshape(-1, 1), 2, 2).tolist() == cols.tolist()
+    assert K.scatter_rows(cols.reshape(-1, 1), 1, 2) is None  # elements, not slices
+    assert K.scatter_rows(full.reshape(-1, 2), 1, 2) is None

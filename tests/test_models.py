@@ -277,7 +277,8 @@ HANDWRITTEN_EXTRA = {"replknet": {"BatchNormalization": 1}, "fastvit_stage": {"M
 #: their own way (Gemm or MatMul + Add, Concat of shapes), so the op-by-op comparison with LeViT's
 #: fuse() and loralib's merge() exports lives in tests/rules/test_matmul_zoo.py, where it is
 #: cleaned of that arithmetic first.
-STRUCTURE_COMPARED_ELSEWHERE = {"levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv"}
+STRUCTURE_COMPARED_ELSEWHERE = {"levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv",
+                                "lora_merged", "mlp_mixer"}
 
 
 @functools.lru_cache(maxsize=None)

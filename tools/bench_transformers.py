@@ -28,7 +28,8 @@ from onnxrep.bench import bench  # noqa: E402
 from models import ZOO  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 
-MODELS = ("levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv")
+FOLDS = ("fold_linear_affine", "fold_branch_into_slice", "fold_attention_scale")  # the "folds" column
+MODELS = ("levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv", "lora_merged", "mlp_mixer")
 
 
 def wide(name: str, dim: int, side: int):
@@ -45,7 +46,10 @@ def wide(name: str, dim: int, side: int):
             "convnext": partial(T.ConvNeXtBlock, dim),
             "lora_mlp": partial(T.LoRAMLP, dim, 4 * dim),
             "lora_attention": partial(T.LoRAAttention, dim, heads=dim // 64),
-            "lora_qkv": partial(T.LoRAQKVAttention, dim, heads=dim // 64)}[name]
+            "lora_qkv": partial(T.LoRAQKVAttention, dim, heads=dim // 64),
+            "lora_merged": partial(T.LoRAMergedAttention, dim, heads=dim // 64),
+            "mlp_mixer": partial(T.MixerBlock, dim, tokens=side * side, token_hidden=side * side // 2,
+                                 channel_hidden=4 * dim)}[name]
     shape = (1, dim, side, side)
     torch.manual_seed(0)
     return calibrate(make(), shape), shape
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
         hand = lambda i: f" ({c[2][i]})" if len(c) > 2 else ""  # noqa: E731
         structure.append(f"| {name} | {c[0][0]} → {c[1][0]}{hand(0)} | {c[0][1]} → {c[1][1]}{hand(1)} | "
                          f"{c[0][2]} → {c[1][2]}{hand(2)} | {c[0][3]} → {c[1][3]}{hand(3)} | "
-                         f"{sum(report.rule_counts.get(r, 0) for r in ('fold_linear_affine', 'fold_branch_into_slice'))} |")
+                         f"{sum(report.rule_counts.get(r, 0) for r in FOLDS)} |")
         res = bench([str(p) for p in paths], providers=("cpu",), batches=batches, threads=args.threads,
                     warmup=args.warmup, runs=args.runs, input_shapes={"input": list(input_shape)},
                     ort_opt=args.ort_opt)

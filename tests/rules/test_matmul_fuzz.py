@@ -64,3 +64,54 @@ def test_random_token_block(seed):
     model = b.build(y, *[o for o in outs if o != y])
     out, _ = run_rules(model)
     assert_equivalent(model, out)
+
+
+def mixing_piece(b: GraphBuilder, rng, x, c, shape):
+    """piece(), plus token mixing (a constant on the left, per-row affines and BN on axis 1 of
+    [B, N, C]), loralib's zero-padded grouped adapter, and scalar or per-row scales between."""
+    kind = rng.integers(0, 13)
+    n = shape[-2] if len(shape) == 3 else None
+    if kind == 9 and n:  # token mixing W·x (+ b[n, 1])
+        y = b.op("MatMul", [b.randn((n, n), scale=n ** -0.5), x])
+        return (b.add(y, b.randn((n, 1))) if rng.random() < 0.6 else y), c
+    if kind == 10 and n:  # a per-row affine: [n, 1] Mul, or BN over axis 1 (tokens); poison: [1, c] per column
+        r = rng.random()
+        if r < 0.4:
+            return b.mul(x, b.randn((n, 1))), c
+        if r < 0.8:
+            return b.bn(x, n), c
+        return b.mul(x, b.randn((1, c))), c
+    if kind == 11 and n:  # MergedLinear-style adapter: A, grouped conv1d B, zero padding by ScatterND
+        g, r = 2, 2
+        cw = 2 * c
+        t = b.op("Transpose", [b.matmul(x, c, g * r)], perm=[0, 2, 1])
+        y = b.op("Transpose", [b.conv(t, g * r, g * 4, k=(1,), pad=(0,), group=g, bias=rng.random() < 0.5)],
+                 perm=[0, 2, 1])
+        rows = int(np.prod(shape[:-1]))
+        flat = b.op("Reshape", [y, b.ints([-1, g * 4])])
+        cols = rng.choice(cw, size=g * 4, replace=rng.random() < 0.2)  # a repeat: must not fold wrong
+        idx = np.stack(np.broadcast_arrays(np.arange(rows)[:, None], cols[None, :]), axis=-1)
+        placed = b.op("ScatterND", [b.const(np.zeros((rows, cw))), b.ints(idx), flat])
+        padded = b.op("Reshape", [placed, b.ints(list(shape[:-1]) + [cw])])
+        return b.add(b.add(b.matmul(x, c, cw), b.randn((cw,))), padded), cw
+    if kind == 12:  # a scalar scale
+        return b.mul(x, b.const(np.float32(rng.uniform(0.2, 2.0)))), c
+    return piece(b, rng, x, c, shape)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_token_block_with_mixing(seed):
+    """As test_random_token_block, with token mixing, zero-padded adapters and scalar scales."""
+    rng = np.random.default_rng(5000 + seed)
+    b = GraphBuilder(seed)
+    c = 8
+    shape = [2, 5, c]
+    x = b.input(shape)
+    outs, y = [], x
+    for _ in range(int(rng.integers(2, 7))):
+        y, c = mixing_piece(b, rng, y, c, shape[:-1] + [c])
+        if rng.random() < 0.1:
+            outs.append(y)
+    model = b.build(y, *[o for o in outs if o != y])
+    out, _ = run_rules(model)
+    assert_equivalent(model, out)

@@ -28,8 +28,10 @@ def export(model, entry, path):
 
 def cleaned(model):
     """The hand-converted export with only constant folding and identities removed (the legacy
-    exporter leaves some shape arithmetic unfolded): no re-parameterization rule runs."""
-    return onnxrep.optimize(model, rules=["remove_identities"])
+    exporter leaves some shape arithmetic unfolded), and the attention's q·kᵀ scale folded into q
+    (fold_attention_scale: no paper's conversion does it, onnxrep does it to both sides); no
+    re-parameterization rule runs."""
+    return onnxrep.optimize(model, rules=["remove_identities", "fold_attention_scale"])
 
 
 def optimized(name, tmp_path):
@@ -73,14 +75,14 @@ def test_levit_matches_its_own_fuse(tmp_path):
 @pytest.mark.parametrize("name, gammas", [("vit_layerscale", 2), ("convnext", 1)])
 def test_no_layer_scale_mul_left(tmp_path, name, gammas):
     """ViT / ConvNeXt: every Mul by a per-channel constant (the layer scales) is folded; only
-    scalar Muls (GELU's 0.5, the attention scale) remain."""
+    scalar Muls (GELU's 0.5) remain (the attention scale folds into q)."""
     _, train, out, _ = optimized(name, tmp_path)
     per_channel = lambda m: [c for c in constant_muls(m) if int(np.prod(c[1])) > 1]  # noqa: E731
     assert len(per_channel(train)) == gammas
     assert per_channel(out) == []
 
 
-@pytest.mark.parametrize("name", ["lora_mlp", "lora_attention", "lora_qkv"])
+@pytest.mark.parametrize("name", ["lora_mlp", "lora_attention", "lora_qkv", "lora_merged"])
 def test_lora_as_many_matmuls_as_without_adapters(tmp_path, name):
     """LoRA: the optimized graph has the MatMul/Gemm count and ops of loralib's merged export."""
     model, train, out, _ = optimized(name, tmp_path)
@@ -92,6 +94,20 @@ def test_lora_as_many_matmuls_as_without_adapters(tmp_path, name):
     assert count(out) == count(hand)
     assert hist(out) == hist(hand)
     x = ZOO[name].example_input().numpy()
+    a, b = run_model(out, {"input": x})["output"], run_model(hand, {"input": x})["output"]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_mlp_mixer_matches_its_hand_conversion(tmp_path):
+    """MLP-Mixer with W_tok·X token mixing: the token BN folds into the left weight's rows, the
+    channel layer scale into fc2; the histogram and outputs are those of its switch_to_deploy()."""
+    model, train, out, report = optimized("mlp_mixer", tmp_path)
+    deploy = copy.deepcopy(model)
+    deploy.switch_to_deploy()
+    hand = cleaned(export(deploy, ZOO["mlp_mixer"], tmp_path / "hand.onnx"))
+    assert hist(train)["BatchNormalization"] == 1 and hist(out)["BatchNormalization"] == 0
+    assert hist(out) == hist(hand)
+    x = ZOO["mlp_mixer"].example_input().numpy()
     a, b = run_model(out, {"input": x})["output"], run_model(hand, {"input": x})["output"]
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
