@@ -31,6 +31,7 @@ _NP = {
     onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
     onnx.TensorProto.BOOL: np.bool_,
 }
+_NP_DTYPES = frozenset(np.dtype(t) for t in _NP.values())
 
 # a random verification input larger than this is refused rather than allocated
 MAX_INPUT_BYTES = 4 << 30
@@ -202,7 +203,8 @@ def split_lean(lean: LeanModel) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
             arr = lean.array(i)
         except (ValueError, TypeError):
             arr = None
-        if arr is not None and arr.dtype.type in _NP.values():
+        # by dtype, not by scalar type: numpy.longlong is int64 too but a different type object
+        if arr is not None and arr.dtype in _NP_DTYPES:
             weights[t.name] = arr
         else:
             lean.fill(t, i)

@@ -261,3 +261,31 @@ def test_wrong_value_info_fails_verification_with_exit_4(tmp_path, monkeypatch, 
     assert len(err) == 1 and "default optimization level" in err[0] and "Shape mismatch" in err[0]
     assert "constant folding is responsible" in err[0]
     assert list(dst.parent.iterdir()) == []
+
+
+def test_int64_payload_of_any_numpy_spelling_is_fed_as_a_weight():
+    """A rule may hold an int64 payload as numpy.longlong (the same dtype, another scalar type):
+    verification must still feed it to ORT. It used to be put back into the skeleton, stubbed again,
+    and ORT refused the model ("External data path ... escapes working directory"): a correct
+    rewrite (ScatterND indices folded from a qkv slice assignment) was reported as failing."""
+    indices = np.zeros((2, 128, 1), dtype=np.longlong)
+    indices[:, :, 0] = np.arange(128)
+    if np.longlong is np.int64:
+        pytest.skip("numpy.longlong is numpy.int64 on this platform")
+    assert indices.dtype.type is np.longlong  # the spelling under test
+    graph = helper.make_graph(
+        [helper.make_node("ScatterND", ["x", "idx", "upd"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [128]),
+         helper.make_tensor_value_info("upd", TensorProto.FLOAT, [2, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [128])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((2, 128, 1), np.int64), "idx"))
+    lean = LeanModel.wrap(model)
+    i = next(n for n, t in enumerate(lean.proto.graph.initializer) if t.name == "idx")
+    stub = lean.proto.graph.initializer[i]
+    lean.payloads[int(stub.external_data[1].value)] = indices
+    light, weights = V.split_lean(lean)
+    assert "idx" in weights and weights["idx"].dtype == np.int64
+    feeds = {"x": np.zeros(128, np.float32), "upd": np.ones((2, 128), np.float32)}
+    out = V.run(light, feeds, weights)
+    assert np.array_equal(out["y"], np.ones(128, np.float32))
