@@ -249,12 +249,16 @@ class Walker:
         self.stops: list[str] = []
         self.shape_read: list[gs.Tensor] = []  # walked through, though Shape nodes read them too
 
+    # the axis the walk's matrices act on: its size, and how a decline names it
+    axis_size = staticmethod(_last)
+    axis_name = "channel count (last dim)"
+
     def leaf(self, t: gs.Tensor) -> Form:
-        c = _last(t)
+        c = self.axis_size(t)
         if G.rank(t) is None or G.rank(t) < 2:
             raise NotLinear(f"'{t.name}' is not a tensor of rows (rank < 2)")
         if c is None:
-            raise NotLinear(f"channel count (last dim) of '{t.name}' is unknown")
+            raise NotLinear(f"{self.axis_name} of '{t.name}' is unknown")
         dt = G.dtype_of(t)
         if dt is not None and not np.issubdtype(dt, np.floating):
             raise NotLinear(f"'{t.name}' is not floating point")
@@ -459,16 +463,8 @@ class TokenWalker(Walker):
     merge_linear_regions makes of such affines) is per row, sums add. No Reshape, Transpose or
     scatter is walked: a region of these keeps the source's other axes."""
 
-    def leaf(self, t: gs.Tensor) -> Form:
-        c = _second_last(t)
-        if G.rank(t) is None or G.rank(t) < 2:
-            raise NotLinear(f"'{t.name}' is not a tensor of rows (rank < 2)")
-        if c is None:
-            raise NotLinear(f"row count (axis -2) of '{t.name}' is unknown")
-        dt = G.dtype_of(t)
-        if dt is not None and not np.issubdtype(dt, np.floating):
-            raise NotLinear(f"'{t.name}' is not floating point")
-        return Form(t, K.identity(c, 0), [])
+    axis_size = staticmethod(_second_last)
+    axis_name = "row count (axis -2)"
 
     def form(self, t: gs.Tensor, depth: int = 0) -> Form:
         if depth > MAX_DEPTH:
