@@ -38,7 +38,8 @@ __all__ = [
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Deploy copy of ``model``: call ``switch_to_deploy()`` on every module that has one.
+    """Deploy copy of ``model``: call ``switch_to_deploy()`` on every module that has one, and
+    loralib's ``merge()`` (W += s·B·A; loralib does it on ``eval()``) on every LoRA module.
 
     Parents are converted before their children (``modules()`` is pre-order), so a block that
     merges its sub-blocks reads them unconverted; the children it drops are converted afterwards
@@ -48,6 +49,8 @@ def convert(model: nn.Module) -> nn.Module:
     for module in list(deployed.modules()):
         if hasattr(module, "switch_to_deploy"):
             module.switch_to_deploy()
+        elif hasattr(module, "merge"):  # idempotent: a parent's merge() already merged its children
+            module.merge()
     return deployed
 
 
