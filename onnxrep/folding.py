@@ -779,6 +779,10 @@ def estimate_bytes(node: gs.Node) -> int | None:
         if delta == 0 or not all(map(math.isfinite, (start, limit, delta))):
             return None
         return max(0, math.ceil((limit - start) / delta)) * _itemsize(ins[0].dtype)
+    if op == "NonZero" and ins:  # [rank, count] int64 indices, count at most the input's size
+        dims = _dims(ins[0])
+        n = _numel(dims)
+        return None if n is None else n * max(len(dims), 1) * 8
     if op in _SIZE_FROM_VALUES or node.subgraphs():
         return None
     sizes = [_numel(_dims(t)) for t in ins]

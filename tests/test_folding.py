@@ -614,3 +614,23 @@ def test_overridable_weight_with_external_data_keeps_its_payload(tmp_path):
     w2 = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32)
     for feeds in ({"x": x}, {"x": x, "W": w2}):
         np.testing.assert_array_equal(a.run(None, feeds)[0], b.run(None, feeds)[0])
+
+
+def test_nonzero_of_a_constant_mask_folds():
+    """loralib's zero_pad writes `result[..., mask] = y` with a constant boolean mask, which the
+    exporters spell NonZero(mask) → Transpose → ScatterND/GatherND indices. NonZero's output size
+    depends on the values, so the guard needs a bound before it runs: [rank, count] int64 with count
+    at most the mask's size. Without one it was never folded and the adapter stayed unmerged."""
+    import onnx_graphsurgeon as gs
+
+    mask = np.array([True, False, True, True, False, False], bool)
+    node = gs.Node("NonZero", inputs=[gs.Constant("m", mask)], outputs=[gs.Variable("i", dtype=np.int64)])
+    assert F.estimate_bytes(node) == mask.size * 1 * 8
+    nodes = [helper.make_node("NonZero", ["mask"], ["nz"]),
+             helper.make_node("Transpose", ["nz"], ["idx"], perm=[1, 0]),
+             helper.make_node("ScatterND", ["x", "idx", "upd"], ["y"])]
+    model = _model(nodes, [_x([6]), _x([3], "upd")], [_x([6], "y")], inits={"mask": mask})
+    folded = fold_only(model)
+    assert ops(folded) == ["ScatterND"]
+    feeds = {"x": RNG.standard_normal(6).astype(np.float32), "upd": RNG.standard_normal(3).astype(np.float32)}
+    assert_same_in_ort(model, folded, feeds)
