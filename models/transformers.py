@@ -41,7 +41,7 @@ from torch import nn
 
 __all__ = ["LinearBN", "LeViTBlock", "LayerScale", "ViTLayerScaleBlock", "ConvNeXtBlock",
            "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "MergedLoRALinear",
-           "LoRAMergedAttention", "MixerBlock", "to_tokens"]
+           "LoRAMergedAttention", "LoRAInplaceAttention", "MixerBlock", "to_tokens"]
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -376,3 +376,47 @@ class MixerBlock(nn.Module):
         fc2.weight.copy_(g[:, None] * fc2.weight)
         fc2.bias.copy_(g * fc2.bias)
         self.ls2 = nn.Identity()
+
+
+class LoRAInplaceAttention(nn.Module):
+    """Self-attention whose fused qkv Linear gets its q and v adapters (rank 4 and 8) written IN
+    PLACE into its output before the split: ``r = qkv(x); r[..., :C] += s·B_q(A_q(x));
+    r[..., 2C:] += s·B_v(A_v(x))``. The exporters write each ``+=`` as a Slice of r, an Add of the
+    branch and a ScatterND (legacy) or slice_scatter (dynamo) of the sum back into r."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8)):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lora_q = nn.Sequential(nn.Linear(dim, ranks[0], bias=False), nn.Linear(ranks[0], dim, bias=False))
+        self.lora_v = nn.Sequential(nn.Linear(dim, ranks[1], bias=False), nn.Linear(ranks[1], dim, bias=False))
+        for r, m in zip(ranks, (self.lora_q, self.lora_v)):
+            nn.init.normal_(m[1].weight, std=1.0 / math.sqrt(r))
+        self.scaling = (2.0, 0.5)
+        self.proj = nn.Linear(dim, dim)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        b, n, _ = x.shape
+        c = self.dim
+        r = self.qkv(x)
+        if not self.merged:
+            r[..., :c] += self.lora_q(x) * self.scaling[0]
+            r[..., 2 * c:] += self.lora_v(x) * self.scaling[1]
+        q, k, v = r.split(c, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """The hand-written deploy: each adapter's s·B·A into its rows of the qkv weight."""
+        if self.merged:
+            return
+        c = self.dim
+        for i, (m, s) in zip((0, 2), ((self.lora_q, self.scaling[0]), (self.lora_v, self.scaling[1]))):
+            self.qkv.weight[i * c:(i + 1) * c] += s * (m[1].weight @ m[0].weight)
+        self.merged = True
+
+    merge = switch_to_deploy
