@@ -27,10 +27,15 @@ LAST axis), as a patch-embedded ViT stage does:
   and v. Deploy: the adapter merges into its base (loralib's ``merge``): as many MatMul/Gemm as
   the same model without adapters.
 
-q, k and v are separate Linears here (LeViT and ViT fuse them into one qkv Linear and split; the
-split is written differently by each exporter, which would make the deploy histograms differ, and
-slicing a LoRA'd qkv is not handled yet). LayerNorm is nn.LayerNorm, exported as one
-LayerNormalization op, and GELU stays whole: neither is a fold target.
+- ``LoRAInplaceAttention``: a fused qkv Linear whose output gets its q and v adapters added IN
+  PLACE before the split (``r[..., :C] += s·B_q(A_q(x))``; ``cat=True``: the out-of-place
+  ``r + cat([y_q, zeros, y_v], -1)``). Deploy: ``switch_to_deploy`` merges each adapter into its
+  rows of the qkv weight.
+
+In ``LoRAAttention`` q, k and v are separate Linears (LeViT and ViT fuse them into one qkv Linear
+and split; the split is written differently by each exporter, which would make the deploy
+histograms differ); the ``LoRAQKV``/``Merged``/``Inplace`` variants fuse them. LayerNorm is
+nn.LayerNorm, exported as one LayerNormalization op, and GELU stays whole: neither is a fold target.
 """
 from __future__ import annotations
 
@@ -382,11 +387,12 @@ class LoRAInplaceAttention(nn.Module):
     """Self-attention whose fused qkv Linear gets its q and v adapters (rank 4 and 8) written IN
     PLACE into its output before the split: ``r = qkv(x); r[..., :C] += s·B_q(A_q(x));
     r[..., 2C:] += s·B_v(A_v(x))``. The exporters write each ``+=`` as a Slice of r, an Add of the
-    branch and a ScatterND (legacy) or slice_scatter (dynamo) of the sum back into r."""
+    branch and a ScatterND (legacy) or slice_scatter (dynamo) of the sum back into r. With
+    ``cat=True`` the same sum is written out of place, ``r + cat([y_q, zeros, y_v], -1)``."""
 
-    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8)):
+    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8), cat: bool = False):
         super().__init__()
-        self.dim, self.heads = dim, heads
+        self.dim, self.heads, self.cat = dim, heads, cat
         self.qkv = nn.Linear(dim, 3 * dim)
         self.lora_q = nn.Sequential(nn.Linear(dim, ranks[0], bias=False), nn.Linear(ranks[0], dim, bias=False))
         self.lora_v = nn.Sequential(nn.Linear(dim, ranks[1], bias=False), nn.Linear(ranks[1], dim, bias=False))
@@ -401,7 +407,10 @@ class LoRAInplaceAttention(nn.Module):
         b, n, _ = x.shape
         c = self.dim
         r = self.qkv(x)
-        if not self.merged:
+        if not self.merged and self.cat:  # the out-of-place spelling: r + cat([y_q, 0, y_v], -1)
+            yq, yv = self.lora_q(x) * self.scaling[0], self.lora_v(x) * self.scaling[1]
+            r = r + torch.cat([yq, torch.zeros_like(yq), yv], dim=-1)
+        elif not self.merged:
             r[..., :c] += self.lora_q(x) * self.scaling[0]
             r[..., 2 * c:] += self.lora_v(x) * self.scaling[1]
         q, k, v = r.split(c, dim=-1)

@@ -183,7 +183,8 @@ def _block_indices(ev: S.Evaluator, idx: gs.Tensor, data: gs.Tensor) -> tuple[in
             elif deps != {j}:
                 return f"the scatter's index on axis {j} does not follow the row"
             elif axis_len.static is not None:
-                if [comp.at({j: i}).scalar()[0] for i in range(axis_len.static)] != [S.Lin(i) for i in range(axis_len.static)]:
+                n = axis_len.static
+                if [comp.at({j: i}).scalar()[0] for i in range(n)] != [S.Lin(i) for i in range(n)]:
                     return f"the scatter's index on axis {j} moves rows"
             elif comp.scalar() != (S.Lin(0), {j: 1}):
                 return f"the scatter's index on axis {j} moves rows"

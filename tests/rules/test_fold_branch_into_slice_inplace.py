@@ -34,7 +34,8 @@ def scatter(b, form, data, updates, lo, hi, idx=None):
         return b.op("ScatterND", [data, b.const(idx), updates])
     perm = [2, 1, 0]
     rows = np.arange(lo, hi, dtype=np.int64).reshape(-1, 1) if idx is None else idx
-    s = b.op("ScatterND", [b.op("Transpose", [data], perm=perm), b.const(rows), b.op("Transpose", [updates], perm=perm)])
+    s = b.op("ScatterND", [b.op("Transpose", [data], perm=perm), b.const(rows),
+                           b.op("Transpose", [updates], perm=perm)])
     return b.op("Transpose", [s], perm=perm)
 
 
@@ -174,9 +175,66 @@ def test_torch_inplace_lora_exports_merge(torch_mod, tmp_path, form, axes):
     out, report = run_rules(m)
     assert ops(out)["MatMul"] == 4 and "ScatterND" not in ops(out)
     assert report.rule_counts.get(RULE, 0) >= 4
-    feeds = {"input": np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, 4, 4)).astype(np.float32)}
+    x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, 4, 4))
+    feeds = {"input": x.astype(np.float32)}
     assert_equivalent(m, out, feeds=feeds)
     with torch_mod.no_grad():
         ref = model(torch_mod.from_numpy(feeds["input"])).numpy()
     got = run_model(out, feeds)["output"]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+# -- the out-of-place spelling: r + cat([y_q, zeros, y_v], -1) (fold_linear_affine's walk) ----------
+def cat_model(zero=0.0, x2=False, axis=-1, seed=1):
+    b = GraphBuilder(seed)
+    x = b.relu(b.input([*ROWS, C]))
+    src = b.relu(b.input([*ROWS, C])) if x2 else x
+    if axis == -1:
+        r = b.add(b.matmul(x, C, 3 * C), b.randn((3 * C,)))
+        fill = b.const(np.full((*ROWS, C), zero, np.float32))
+        cat = b.op("Concat", [lora(b, x, C, C), fill, lora(b, src, C, C, rank=3)], axis=-1)
+    else:  # a Concat of rows: [2, 5, 8] pieces stacked on axis 1 into [2, 15, 8], added to a [2, 15, 8] Linear
+        r = b.add(b.matmul(b.relu(b.input([ROWS[0], 3 * ROWS[1], C])), C, C), b.randn((C,)))
+        cat = b.op("Concat", [lora(b, x, C, C), b.const(np.zeros((*ROWS, C), np.float32)), lora(b, x, C, C)], axis=1)
+    return b.build(b.relu(b.add(r, cat)))
+
+
+def test_cat_with_zeros_merges_into_qkv():
+    """r + cat([s·B_q(A_q(x)), 0, s·B_v(A_v(x))], -1) is one MatMul x·W' + b'."""
+    m = cat_model()
+    out, report = run_rules(m, "fold_linear_affine")
+    assert ops(out).get("MatMul") == 1 and "Concat" not in ops(out) and "Mul" not in ops(out)
+    assert report.rule_counts.get("fold_linear_affine") == 1
+    assert_equivalent(m, out)
+    assert_idempotent(out, "fold_linear_affine")
+
+
+def test_cat_with_a_nonzero_block_declines():
+    """The middle block is 0.5, not zeros: it is a constant shift of k, not a placement."""
+    declined_by("fold_linear_affine", cat_model(zero=0.5), "Concat of a non-zero constant")
+
+
+def test_cat_of_branches_reading_other_tensors_declines():
+    """v's adapter reads another tensor: the Concat is no matrix of x."""
+    declined_by("fold_linear_affine", cat_model(x2=True), "Concat read different tensors")
+
+
+def test_cat_on_a_token_axis_declines():
+    """Concat on axis 1 stacks rows (tokens), not columns."""
+    declined_by("fold_linear_affine", cat_model(axis=1), "Concat is not on the last axis")
+
+
+@pytest.mark.parametrize("form", ["legacy", "legacy-nofold", "dynamo", "dynamo-noopt"])
+@pytest.mark.parametrize("axes", ["static", "batch"])
+def test_torch_cat_lora_exports_merge(torch_mod, tmp_path, form, axes):
+    """LoRAInplaceAttention(cat=True): 4 MatMul, no Concat, equal to torch."""
+    from models.export import export_onnx
+    from models.transformers import LoRAInplaceAttention
+    torch_mod.manual_seed(1)
+    model = LoRAInplaceAttention(cat=True)
+    m = onnx.load(str(export_onnx(model, (1, 16, 4, 4), tmp_path / "m.onnx", form, axes=axes)))
+    out, _ = run_rules(m)
+    assert ops(out)["MatMul"] == 4 and "Concat" not in ops(out)
+    x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, 4, 4))
+    feeds = {"input": x.astype(np.float32)}
+    assert_equivalent(m, out, feeds=feeds)
