@@ -47,11 +47,6 @@ KNOWN_GAPS.update({("lora_inplace", form, "hw"): "with symbolic H/W the token co
                    "+='s run-time ScatterND indices are sized by it, which onnxrep.symbolic cannot express (a "
                    "product of symbols), so fold_branch_into_slice cannot prove they cover every row: the "
                    "adapters stay unmerged" for form in FORMS if form.startswith("legacy")})
-KNOWN_GAPS.update({("lora_inplace", "dynamo-noopt", axes): "dynamo-noopt splits the in-place-updated qkv output "
-                   "with three SplitToSequence ops (one per q, k, v), canonicalized to three Splits of one tensor "
-                   "that nothing merges: both adapters fold (4 MatMul) but 3 Split stay, and fold_attention_scale "
-                   "reads their whole-width pieces as overlapping q's columns, so the q.kT Mul stays"
-                   for axes in AXES})
 
 
 def _cells():
