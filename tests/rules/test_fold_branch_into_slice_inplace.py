@@ -238,3 +238,14 @@ def test_torch_cat_lora_exports_merge(torch_mod, tmp_path, form, axes):
     x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, 4, 4))
     feeds = {"input": x.astype(np.float32)}
     assert_equivalent(m, out, feeds=feeds)
+
+
+def test_cat_of_the_input_itself_with_zeros_merges():
+    """r + cat([0, x], -1): the term is x itself (an identity placed at columns 8:16)."""
+    b = GraphBuilder(5)
+    x = b.relu(b.input([*ROWS, C]))
+    r = b.add(b.matmul(x, C, 2 * C), b.randn((2 * C,)))
+    m = b.build(b.relu(b.add(r, b.op("Concat", [b.const(np.zeros((*ROWS, C), np.float32)), x], axis=-1))))
+    out, report = run_rules(m, "fold_linear_affine")
+    assert ops(out) == {"Relu": 2, "MatMul": 1, "Add": 1} and report.rule_counts == {"fold_linear_affine": 1}
+    assert_equivalent(m, out)
