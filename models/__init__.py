@@ -51,8 +51,8 @@ from .resnet import resnet18, resnet50
 from .repmlp import RepMLPBlock
 from .resrep import ResRepBlock
 from .split_concat import SplitConvConcat
-from .transformers import (ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAMergedAttention, LoRAMLP, LoRAQKVAttention,
-                           MixerBlock, ViTLayerScaleBlock)
+from .transformers import (ConvNeXtBlock, LeViTBlock, LoRAAttention, LoRAInplaceAttention, LoRAMergedAttention, LoRAMLP,
+                           LoRAQKVAttention, MixerBlock, ViTLayerScaleBlock)
 
 __all__ = [
     "ZOO",
@@ -442,6 +442,15 @@ _register(
     "A, the conv1d between its Transpose pair, the ScatterND placement into zeros and the scale are "
     "one matrix of x, added to the qkv Linear's: one MatMul (rule fold_linear_affine), as loralib's "
     "merge writes it; qkv, q.kT, attn.v, proj = 4 MatMul; the Split stays.")
+_register(
+    "lora_inplace", LoRAInplaceAttention, (1, 16, 4, 4),
+    {**_ATTN, "MatMul": 4, "Add": 2, "Split": 1},
+    "Self-attention whose fused qkv output gets its q (rank 4) and v (rank 8) adapters added IN PLACE "
+    "before the split: r = qkv(x); r[..., :C] += s.B(A(x)); r[..., 2C:] += s.B(A(x))",
+    "Each += (Slice, Add, ScatterND back into r; legacy writes two ScatterNDs per +=, dynamo a "
+    "slice_scatter between Transposes) merges into its columns of the qkv weight and the scatters "
+    "of r's own columns into themselves vanish (rule fold_branch_into_slice): qkv, q.kT, attn.v, "
+    "proj = 4 MatMul, as without adapters; the Split stays.")
 _register(
     "mlp_mixer", MixerBlock, (1, 16, 4, 4),
     {**_GELU, "Div": 2, "Erf": 2, "Flatten": 1, "Transpose": 1, "LayerNormalization": 2, "MatMul": 4, "Add": 8,

@@ -27,10 +27,15 @@ LAST axis), as a patch-embedded ViT stage does:
   and v. Deploy: the adapter merges into its base (loralib's ``merge``): as many MatMul/Gemm as
   the same model without adapters.
 
-q, k and v are separate Linears here (LeViT and ViT fuse them into one qkv Linear and split; the
-split is written differently by each exporter, which would make the deploy histograms differ, and
-slicing a LoRA'd qkv is not handled yet). LayerNorm is nn.LayerNorm, exported as one
-LayerNormalization op, and GELU stays whole: neither is a fold target.
+- ``LoRAInplaceAttention``: a fused qkv Linear whose output gets its q and v adapters added IN
+  PLACE before the split (``r[..., :C] += s·B_q(A_q(x))``; ``cat=True``: the out-of-place
+  ``r + cat([y_q, zeros, y_v], -1)``). Deploy: ``switch_to_deploy`` merges each adapter into its
+  rows of the qkv weight.
+
+In ``LoRAAttention`` q, k and v are separate Linears (LeViT and ViT fuse them into one qkv Linear
+and split; the split is written differently by each exporter, which would make the deploy
+histograms differ); the ``LoRAQKV``/``Merged``/``Inplace`` variants fuse them. LayerNorm is
+nn.LayerNorm, exported as one LayerNormalization op, and GELU stays whole: neither is a fold target.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from torch import nn
 
 __all__ = ["LinearBN", "LeViTBlock", "LayerScale", "ViTLayerScaleBlock", "ConvNeXtBlock",
            "LoRALinear", "LoRAMLP", "LoRAAttention", "LoRAQKVAttention", "MergedLoRALinear",
-           "LoRAMergedAttention", "MixerBlock", "to_tokens"]
+           "LoRAMergedAttention", "LoRAInplaceAttention", "MixerBlock", "to_tokens"]
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -376,3 +381,51 @@ class MixerBlock(nn.Module):
         fc2.weight.copy_(g[:, None] * fc2.weight)
         fc2.bias.copy_(g * fc2.bias)
         self.ls2 = nn.Identity()
+
+
+class LoRAInplaceAttention(nn.Module):
+    """Self-attention whose fused qkv Linear gets its q and v adapters (rank 4 and 8) written IN
+    PLACE into its output before the split: ``r = qkv(x); r[..., :C] += s·B_q(A_q(x));
+    r[..., 2C:] += s·B_v(A_v(x))``. The exporters write each ``+=`` as a Slice of r, an Add of the
+    branch and a ScatterND (legacy) or slice_scatter (dynamo) of the sum back into r. With
+    ``cat=True`` the same sum is written out of place, ``r + cat([y_q, zeros, y_v], -1)``."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8), cat: bool = False):
+        super().__init__()
+        self.dim, self.heads, self.cat = dim, heads, cat
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lora_q = nn.Sequential(nn.Linear(dim, ranks[0], bias=False), nn.Linear(ranks[0], dim, bias=False))
+        self.lora_v = nn.Sequential(nn.Linear(dim, ranks[1], bias=False), nn.Linear(ranks[1], dim, bias=False))
+        for r, m in zip(ranks, (self.lora_q, self.lora_v)):
+            nn.init.normal_(m[1].weight, std=1.0 / math.sqrt(r))
+        self.scaling = (2.0, 0.5)
+        self.proj = nn.Linear(dim, dim)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tokens(x)
+        b, n, _ = x.shape
+        c = self.dim
+        r = self.qkv(x)
+        if not self.merged and self.cat:  # the out-of-place spelling: r + cat([y_q, 0, y_v], -1)
+            yq, yv = self.lora_q(x) * self.scaling[0], self.lora_v(x) * self.scaling[1]
+            r = r + torch.cat([yq, torch.zeros_like(yq), yv], dim=-1)
+        elif not self.merged:
+            r[..., :c] += self.lora_q(x) * self.scaling[0]
+            r[..., 2 * c:] += self.lora_v(x) * self.scaling[1]
+        q, k, v = r.split(c, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """The hand-written deploy: each adapter's s·B·A into its rows of the qkv weight."""
+        if self.merged:
+            return
+        c = self.dim
+        for i, (m, s) in zip((0, 2), ((self.lora_q, self.scaling[0]), (self.lora_v, self.scaling[1]))):
+            self.qkv.weight[i * c:(i + 1) * c] += s * (m[1].weight @ m[0].weight)
+        self.merged = True
+
+    merge = switch_to_deploy

@@ -258,7 +258,8 @@ def _slice_bounds(n: int, start: int, end: int, step: int) -> tuple[int, int | N
 # -- exporter spellings ----------------------------------------------------------------------------
 def canonicalize(graph: gs.Graph) -> int:
     """CastLike of a constant → Cast; SplitToSequence + SequenceAt with constant splits → Split;
-    Reshape targets computed from shapes → constants; Transpose of a Transpose → one Transpose."""
+    Reshape targets computed from shapes → constants; Transpose of a Transpose → one Transpose;
+    identical Splits of one tensor → one Split."""
     done = 0
     for node in list(graph.nodes):
         if node.op == "CastLike" and len(node.inputs) == 2 and isinstance(node.inputs[0], gs.Constant):
@@ -284,6 +285,37 @@ def canonicalize(graph: gs.Graph) -> int:
             done += _transpose_of_transpose(graph, node)
         elif node.op == "Slice":
             done += _whole_slice(graph, node)
+    return done + _merge_identical_splits(graph)
+
+
+def _merge_identical_splits(graph: gs.Graph) -> int:
+    """Splits of one tensor on the same axis into the same constant sizes compute the same pieces
+    (dynamo-noopt writes `q, k, v = r.split(C, -1)` of an in-place-updated r as one
+    SplitToSequence per piece): the later ones' readers read the first one's outputs."""
+    done, seen = 0, {}
+    for node in list(graph.nodes):
+        if node.op != "Split" or not node.inputs or not node.outputs:
+            continue
+        has_sizes = len(node.inputs) > 1 and node.inputs[1].name
+        sizes = _const_ints(node.inputs[1]) if has_sizes else None
+        if has_sizes and sizes is None:
+            continue
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        axis = int(node.attrs.get("axis", 0))
+        axis = axis % rank if rank else axis
+        key = (id(node.inputs[0]), axis, None if sizes is None else tuple(sizes.tolist()),
+               tuple(node.attrs.get("split", ()) or ()), node.attrs.get("num_outputs"), len(node.outputs))
+        first = seen.setdefault(key, node)
+        if first is node or any(G.is_graph_output(graph, o) for o in node.outputs):
+            continue
+        for mine, theirs in zip(node.outputs, first.outputs):
+            for reader in list(mine.outputs):
+                for i, t in enumerate(reader.inputs):
+                    if t is mine:
+                        reader.inputs[i] = theirs
+        node.inputs.clear()
+        node.outputs.clear()
+        done += 1
     return done
 
 

@@ -312,7 +312,40 @@ class Walker:
             return self._scatter(node, depth)
         if op == "Expand":
             return self._expand(node, depth)
+        if op == "Concat":
+            return self._concat(node, depth)
         raise NotLinear(f"{op} is not linear")
+
+    def _concat(self, node, depth) -> Form:
+        """Concat on the last axis of linear terms of one tensor and zero blocks (`r + cat([y_q,
+        zeros, y_v], -1)`): each term placed at its columns (a placement matrix), summed. Concat
+        does not broadcast, so every piece has the output's rows."""
+        out = node.outputs[0]
+        r, width = G.rank(out), _last(out)
+        if r is None or width is None or int(node.attrs.get("axis", 0)) % r != r - 1:
+            raise NotLinear("Concat is not on the last axis")
+        terms, specs, lo = [], [], 0
+        for t in node.inputs:
+            c = _last(t)
+            if c is None:
+                raise NotLinear(f"the last dim of '{t.name}' is unknown")
+            v = G.const(t)
+            if v is not None and np.any(v != 0):
+                raise NotLinear(f"Concat of a non-zero constant '{t.name}'")
+            if v is None and not _zeros(t):  # zeros: also ConstantOfShape(Shape(y)) with a symbolic batch
+                f = self.operand(t, node, depth)
+                terms.append(f)
+                specs.append(K.compose(f.spec, K.placement_spec(np.arange(lo, lo + c), width)))
+            lo += c
+        if not terms:
+            raise NotLinear("Concat of constants only")
+        if len({id(f.source) for f in terms}) != 1:
+            raise NotLinear("terms of the Concat read different tensors")
+        nodes = [n for f in terms for n in f.nodes]
+        if len({id(n) for n in nodes}) != len(nodes):
+            raise NotLinear("terms of the Concat share nodes")
+        return Form(terms[0].source, K.add(specs) if len(specs) > 1 else specs[0], nodes + [node],
+                    all(f.tokens for f in terms))
 
     def _compose(self, node, spec: K.ConvSpec, x, depth) -> Form:
         if _last(x) != spec.cin:
@@ -990,6 +1023,9 @@ def _near_miss(node: gs.Node) -> bool:
     up = ups[0] if ups else None
     if node.op == "BatchNormalization":  # on tokens (a conv's BN is other rules' business)
         return up is not None and up.op in MATRIX_OPS + REGROUP_OPS + ("Transpose",)
+    if node.op in ("Add", "Sub") and len(node.inputs) == 2 and any(
+            G.producer(i) is not None and G.producer(i).op == "Concat" for i in node.inputs):
+        return True  # r + cat([y_q, zeros, y_v], -1): an adapter spelled out of place
     if node.op in ("Mul", "Add", "Sub", "Div"):
         cd = _const_and_data(node) if len(node.inputs) == 2 else None
         u = G.producer(cd[0]) if cd else None

@@ -384,6 +384,28 @@ def test_transpose_whose_inner_result_is_read_twice_stays():
     assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)})
 
 
+def _splits(second_sizes):
+    """Three Splits of one tensor, each with one piece read (dynamo-noopt's q, k, v of one r)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), _c("s1", [4, 4, 4]), _c("s2", second_sizes)]
+    outs = []
+    for k, sizes in enumerate(["s1", "s2", "s1"]):
+        pieces = [f"p{k}_{j}" for j in range(3)]
+        nodes += [helper.make_node("Split", ["r", sizes], pieces, axis=-1 if k else 2),
+                  helper.make_node("Neg", [pieces[k]], [f"y{k}"])]
+        outs.append(_x([2, 3, 4], f"y{k}"))
+    return _model(nodes, [_x([2, 3, 12])], outs)
+
+
+@pytest.mark.parametrize("second,left", [([4, 4, 4], 1), ([2, 4, 6], 2)])
+def test_identical_splits_of_one_tensor_are_one_split(second, left):
+    """Splits of one tensor on the same axis (2 and -1 alike) into the same sizes → one Split; a Split
+    into other sizes stays."""
+    model = _splits(second)
+    folded = fold_only(model)
+    assert ops(folded).count("Split") == left
+    assert_same_in_ort(model, folded, {"x": RNG.standard_normal((2, 3, 12)).astype(np.float32)})
+
+
 # -- size cap -------------------------------------------------------------------------------------
 def bomb_model(n=3_200_000_000):
     """A few hundred bytes: If(max(x) > 1e30) then ReduceSum(ConstantOfShape([n])) else ReduceSum(x).

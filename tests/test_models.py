@@ -278,7 +278,7 @@ HANDWRITTEN_EXTRA = {"replknet": {"BatchNormalization": 1}, "fastvit_stage": {"M
 #: fuse() and loralib's merge() exports lives in tests/rules/test_matmul_zoo.py, where it is
 #: cleaned of that arithmetic first.
 STRUCTURE_COMPARED_ELSEWHERE = {"levit", "vit_layerscale", "convnext", "lora_mlp", "lora_attention", "lora_qkv",
-                                "lora_merged", "mlp_mixer"}
+                                "lora_merged", "lora_inplace", "mlp_mixer"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -82,7 +82,7 @@ def test_no_layer_scale_mul_left(tmp_path, name, gammas):
     assert per_channel(out) == []
 
 
-@pytest.mark.parametrize("name", ["lora_mlp", "lora_attention", "lora_qkv", "lora_merged"])
+@pytest.mark.parametrize("name", ["lora_mlp", "lora_attention", "lora_qkv", "lora_merged", "lora_inplace"])
 def test_lora_as_many_matmuls_as_without_adapters(tmp_path, name):
     """LoRA: the optimized graph has the MatMul/Gemm count and ops of loralib's merged export."""
     model, train, out, _ = optimized(name, tmp_path)
