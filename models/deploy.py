@@ -31,6 +31,7 @@ __all__ = [
     "conv_bn_kernel",
     "bn_kernel",
     "pad_kernel",
+    "branch_sum_kernel",
     "compose_1x1_kxk",
     "make_conv",
     "fuse_bn_linear",
@@ -108,6 +109,20 @@ def pad_kernel(weight: torch.Tensor, kernel_size) -> torch.Tensor:
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     dh, dw = kh - weight.shape[-2], kw - weight.shape[-1]
     return F.pad(weight, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+
+
+@torch.no_grad()
+def branch_sum_kernel(kernel_size: int, groups: int, identity=None, one_by_one=None, kxk=()
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KxK kernel and bias (float64) of an identity BN + a 1x1 conv-BN + k×k conv-BNs, summed:
+    MobileOne's and PP-LCNetV3's ``_get_kernel_bias`` (each term may be absent; ``kxk`` not empty)."""
+    terms = [conv_bn_kernel(branch) for branch in kxk]
+    if identity is not None:
+        terms.append(bn_kernel(identity, groups, kernel_size))
+    if one_by_one is not None:
+        k1, b1 = conv_bn_kernel(one_by_one)
+        terms.append((pad_kernel(k1, kernel_size), b1))
+    return sum(k for k, _ in terms), sum(b for _, b in terms)
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from torch import nn
 
 from .common import ConvBN
 from .deploy import bn_kernel, conv_bn_kernel, fuse_bn, make_conv, pad_kernel
+from .repvgg import RepVGGBlock
 
 __all__ = ["ConvBNAct", "RepConv", "RepConvNet", "QARepVGGBlock", "QARepVGGNet", "RepConvN",
            "RepNBottleneck", "RepNCSP", "RepNCSPELAN4", "RepVggBlock", "RepC3", "yolo_bn"]
@@ -83,40 +84,14 @@ class ConvBNAct(nn.Module):
         return self.act(self.unit(x))
 
 
-class RepConv(nn.Module):
-    """YOLOv7 ``RepConv`` (act "silu") / YOLOv6 ``RepVGGBlock`` (act "relu")."""
+class RepConv(RepVGGBlock):
+    """YOLOv7 ``RepConv`` (act "silu") / YOLOv6 ``RepVGGBlock`` (act "relu"): RepVGG's block
+    (``models.repvgg``: the same branches, kernel and ``switch_to_deploy``) with the detector's
+    activation. ``identity=False`` drops the identity BN (YOLOv9's RepConvN, RT-DETR's RepVggBlock)."""
 
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "silu"):
-        super().__init__()
-        self.rbr_identity = nn.BatchNorm2d(c1) if c1 == c2 and s == 1 else None
-        self.rbr_dense = ConvBN(c1, c2, 3, stride=s, padding=1, groups=g)
-        self.rbr_1x1 = ConvBN(c1, c2, 1, stride=s, padding=0, groups=g)
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "silu", identity: bool = True):
+        super().__init__(c1, c2, stride=s, groups=g, use_identity=identity)
         self.act = _act(act)
-
-    def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k3, b3 = conv_bn_kernel(self.rbr_dense)
-        k1, b1 = conv_bn_kernel(self.rbr_1x1)
-        k, b = k3 + pad_kernel(k1, 3), b3 + b1
-        if self.rbr_identity is not None:
-            kid, bid = bn_kernel(self.rbr_identity, self.rbr_dense.conv.groups, 3)
-            k, b = k + kid, b + bid
-        return k, b
-
-    def switch_to_deploy(self) -> None:
-        """YOLOv7's ``fuse_repvgg_block`` / YOLOv6's ``switch_to_deploy``: one ``rbr_reparam``."""
-        if hasattr(self, "rbr_reparam"):
-            return
-        k, b = self.get_equivalent_kernel_bias()
-        self.rbr_reparam = make_conv(self.rbr_dense.conv, k, b)
-        del self.rbr_dense, self.rbr_1x1, self.rbr_identity
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "rbr_reparam"):
-            return self.act(self.rbr_reparam(x))
-        out = self.rbr_dense(x) + self.rbr_1x1(x)
-        if self.rbr_identity is not None:
-            out = out + self.rbr_identity(x)
-        return self.act(out)
 
 
 class RepConvNet(nn.Module):
@@ -183,28 +158,12 @@ class QARepVGGNet(nn.Module):
         return self.body(x)
 
 
-class RepConvN(nn.Module):
-    """YOLOv9 ``RepConvN``: 3x3 conv-BN + 1x1 conv-BN, SiLU; no identity branch."""
+class RepConvN(RepConv):
+    """YOLOv9 ``RepConvN``: 3x3 conv-BN + 1x1 conv-BN, SiLU; no identity branch. Its ``fuse_convs``
+    is RepVGG's conversion without the identity kernel."""
 
     def __init__(self, c1: int, c2: int):
-        super().__init__()
-        self.conv1 = ConvBN(c1, c2, 3, padding=1)
-        self.conv2 = ConvBN(c1, c2, 1, padding=0)
-        self.act = nn.SiLU()
-
-    def switch_to_deploy(self) -> None:
-        """YOLOv9's ``fuse_convs``: one 3x3 conv replaces both branches."""
-        if hasattr(self, "conv"):
-            return
-        k3, b3 = conv_bn_kernel(self.conv1)
-        k1, b1 = conv_bn_kernel(self.conv2)
-        self.conv = make_conv(self.conv1.conv, k3 + pad_kernel(k1, 3), b3 + b1)
-        del self.conv1, self.conv2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "conv"):
-            return self.act(self.conv(x))
-        return self.act(self.conv1(x) + self.conv2(x))
+        super().__init__(c1, c2, act="silu", identity=False)
 
 
 class RepNBottleneck(nn.Module):
@@ -262,28 +221,9 @@ class RepNCSPELAN4(nn.Module):
         return self.cv4(torch.cat(y, 1))
 
 
-class RepVggBlock(nn.Module):
-    """RT-DETR's ``RepVggBlock``: SiLU(BN(conv3x3(x)) + BN(conv1x1(x)))."""
-
-    def __init__(self, c1: int, c2: int):
-        super().__init__()
-        self.conv1 = ConvBN(c1, c2, 3, padding=1)
-        self.conv2 = ConvBN(c1, c2, 1, padding=0)
-        self.act = nn.SiLU()
-
-    def switch_to_deploy(self) -> None:
-        """RT-DETR's ``convert_to_deploy``: one 3x3 ``conv``."""
-        if hasattr(self, "conv"):
-            return
-        k3, b3 = conv_bn_kernel(self.conv1)
-        k1, b1 = conv_bn_kernel(self.conv2)
-        self.conv = make_conv(self.conv1.conv, k3 + pad_kernel(k1, 3), b3 + b1)
-        del self.conv1, self.conv2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "conv"):
-            return self.act(self.conv(x))
-        return self.act(self.conv1(x) + self.conv2(x))
+class RepVggBlock(RepConvN):
+    """RT-DETR's ``RepVggBlock``: SiLU(BN(conv3x3(x)) + BN(conv1x1(x))), the block YOLOv9 calls
+    RepConvN; RT-DETR's ``convert_to_deploy`` is the same one-3x3-conv conversion."""
 
 
 class RepC3(nn.Module):

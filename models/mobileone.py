@@ -32,7 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .common import ConvBN
-from .deploy import bn_kernel, conv_bn_kernel, make_conv, pad_kernel
+from .deploy import branch_sum_kernel, make_conv
 
 __all__ = ["SEBlock", "MobileOneBlock", "MobileOneNet", "MobileOneSENet"]
 
@@ -75,19 +75,7 @@ class MobileOneBlock(nn.Module):
 
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """KxK kernel and bias (float64) of the branch sum (MobileOne's ``_get_kernel_bias``)."""
-        k = self.kernel_size
-        kern = torch.zeros(self.cout, self.cin // self.groups, k, k, dtype=torch.float64)
-        bias = torch.zeros(self.cout, dtype=torch.float64)
-        if self.rbr_skip is not None:
-            ks, bs = bn_kernel(self.rbr_skip, self.groups, k)
-            kern, bias = kern + ks, bias + bs
-        if self.rbr_scale is not None:
-            ks, bs = conv_bn_kernel(self.rbr_scale)
-            kern, bias = kern + pad_kernel(ks, k), bias + bs
-        for branch in self.rbr_conv:
-            ks, bs = conv_bn_kernel(branch)
-            kern, bias = kern + ks, bias + bs
-        return kern, bias
+        return branch_sum_kernel(self.kernel_size, self.groups, self.rbr_skip, self.rbr_scale, self.rbr_conv)
 
     def switch_to_deploy(self) -> None:
         """MobileOne's ``reparameterize``: one ``reparam_conv`` replaces every branch."""

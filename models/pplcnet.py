@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .common import ConvBN
-from .deploy import bn_kernel, conv_bn_kernel, make_conv, pad_kernel
+from .deploy import branch_sum_kernel, make_conv
 
 __all__ = ["LearnableAffineBlock", "LearnableRepLayer", "LCNetV3Pair"]
 
@@ -75,19 +75,7 @@ class LearnableRepLayer(nn.Module):
 
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """KxK kernel and bias (float64) of the branch sum (PaddleClas's ``_get_kernel_bias``)."""
-        k = self.kernel_size
-        kern = torch.zeros(self.cout, self.cin // self.groups, k, k, dtype=torch.float64)
-        bias = torch.zeros(self.cout, dtype=torch.float64)
-        if self.identity is not None:
-            ks, bs = bn_kernel(self.identity, self.groups, k)
-            kern, bias = kern + ks, bias + bs
-        if self.conv_1x1 is not None:
-            ks, bs = conv_bn_kernel(self.conv_1x1)
-            kern, bias = kern + pad_kernel(ks, k), bias + bs
-        for branch in self.conv_kxk:
-            ks, bs = conv_bn_kernel(branch)
-            kern, bias = kern + ks, bias + bs
-        return kern, bias
+        return branch_sum_kernel(self.kernel_size, self.groups, self.identity, self.conv_1x1, self.conv_kxk)
 
     def switch_to_deploy(self) -> None:
         """PaddleClas's ``rep()``: one ``reparam_conv``; both learnable affines stay."""
