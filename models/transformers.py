@@ -237,6 +237,16 @@ class LoRAAttention(nn.Module):
         self.attn.v.merge()
 
 
+def fused_qkv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, b, n, dim: int
+                        ) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v over `heads` heads of [b, n, dim] q, k, v (the slices of a fused qkv
+    Linear), heads merged back to [b, n, dim]. b and n are the token tensor's sizes as the caller
+    read them (so the exporters write the same shape arithmetic as before), dim a Python int."""
+    q, k, v = (t.reshape(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))
+    attn = (q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5
+    return (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
+
+
 class LoRAQKVAttention(nn.Module):
     """Self-attention with one fused qkv Linear (ViT's) and LoRA adapters on its q and v slices
     (rank 4 and 8), added after the split: q = qkv[..., :C] + s·B_q(A_q(x)), v likewise."""
@@ -260,9 +270,7 @@ class LoRAQKVAttention(nn.Module):
         if not self.merged:
             q = q + self.lora_q(x) * self.scaling[0]
             v = v + self.lora_v(x) * self.scaling[1]
-        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        attn = (q @ k.transpose(-2, -1)) * (self.dim // self.heads) ** -0.5
-        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.proj(fused_qkv_attention(q, k, v, self.heads, b, n, self.dim))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -336,9 +344,7 @@ class LoRAMergedAttention(nn.Module):
         x = to_tokens(x)
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split(self.dim, dim=-1)
-        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        attn = (q @ k.transpose(-2, -1)) * (self.dim // self.heads) ** -0.5
-        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.proj(fused_qkv_attention(q, k, v, self.heads, b, n, self.dim))
 
     def merge(self) -> None:
         self.qkv.merge()
@@ -383,24 +389,17 @@ class MixerBlock(nn.Module):
         self.ls2 = nn.Identity()
 
 
-class LoRAInplaceAttention(nn.Module):
+class LoRAInplaceAttention(LoRAQKVAttention):
     """Self-attention whose fused qkv Linear gets its q and v adapters (rank 4 and 8) written IN
     PLACE into its output before the split: ``r = qkv(x); r[..., :C] += s·B_q(A_q(x));
     r[..., 2C:] += s·B_v(A_v(x))``. The exporters write each ``+=`` as a Slice of r, an Add of the
     branch and a ScatterND (legacy) or slice_scatter (dynamo) of the sum back into r. With
-    ``cat=True`` the same sum is written out of place, ``r + cat([y_q, zeros, y_v], -1)``."""
+    ``cat=True`` the same sum is written out of place, ``r + cat([y_q, zeros, y_v], -1)``. The layers
+    and the deploy merge (into the qkv weight's rows) are LoRAQKVAttention's."""
 
     def __init__(self, dim: int = 16, heads: int = 2, ranks: tuple[int, int] = (4, 8), cat: bool = False):
-        super().__init__()
-        self.dim, self.heads, self.cat = dim, heads, cat
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.lora_q = nn.Sequential(nn.Linear(dim, ranks[0], bias=False), nn.Linear(ranks[0], dim, bias=False))
-        self.lora_v = nn.Sequential(nn.Linear(dim, ranks[1], bias=False), nn.Linear(ranks[1], dim, bias=False))
-        for r, m in zip(ranks, (self.lora_q, self.lora_v)):
-            nn.init.normal_(m[1].weight, std=1.0 / math.sqrt(r))
-        self.scaling = (2.0, 0.5)
-        self.proj = nn.Linear(dim, dim)
-        self.merged = False
+        super().__init__(dim, heads, ranks)
+        self.cat = cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_tokens(x)
@@ -414,18 +413,8 @@ class LoRAInplaceAttention(nn.Module):
             r[..., :c] += self.lora_q(x) * self.scaling[0]
             r[..., 2 * c:] += self.lora_v(x) * self.scaling[1]
         q, k, v = r.split(c, dim=-1)
-        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
-        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.proj(fused_qkv_attention(q, k, v, self.heads, b, n, self.dim))
 
-    @torch.no_grad()
     def switch_to_deploy(self) -> None:
-        """The hand-written deploy: each adapter's s·B·A into its rows of the qkv weight."""
-        if self.merged:
-            return
-        c = self.dim
-        for i, (m, s) in zip((0, 2), ((self.lora_q, self.scaling[0]), (self.lora_v, self.scaling[1]))):
-            self.qkv.weight[i * c:(i + 1) * c] += s * (m[1].weight @ m[0].weight)
-        self.merged = True
-
-    merge = switch_to_deploy
+        """The hand-written deploy: LoRAQKVAttention's merge of each adapter into the qkv rows."""
+        self.merge()
