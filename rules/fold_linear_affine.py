@@ -283,12 +283,18 @@ class Walker:
                 self.stops.append(G.fan_out_reason(self.graph, t) or f"'{t.name}' is read by another node")
         return self.leaf(t)
 
-    def form(self, t: gs.Tensor, depth: int = 0) -> Form:
+    @staticmethod
+    def producer(t: gs.Tensor, depth: int) -> gs.Node:
+        """The node the walk continues at, or NotLinear when the region is too deep or t is a leaf."""
         if depth > MAX_DEPTH:
             raise NotLinear("region too deep")
         node = G.producer(t)
         if node is None:
             raise NotLinear("no producer")
+        return node
+
+    def form(self, t: gs.Tensor, depth: int = 0) -> Form:
+        node = self.producer(t, depth)
         op = node.op
         if op in MATRIX_OPS:
             m = matrix_of(node)
@@ -500,11 +506,7 @@ class TokenWalker(Walker):
     axis_name = "row count (axis -2)"
 
     def form(self, t: gs.Tensor, depth: int = 0) -> Form:
-        if depth > MAX_DEPTH:
-            raise NotLinear("region too deep")
-        node = G.producer(t)
-        if node is None:
-            raise NotLinear("no producer")
+        node = self.producer(t, depth)
         op = node.op
         w = _left_matrix(node)
         if w is not None:
