@@ -283,6 +283,18 @@ class Walker:
                 self.stops.append(G.fan_out_reason(self.graph, t) or f"'{t.name}' is read by another node")
         return self.leaf(t)
 
+    def _affine_or_sum(self, node: gs.Node, depth: int, axis: int | None = None) -> Form:
+        """An Add/Sub/Mul/Div/BN as a per-channel affine on `axis` (None: the last), else, when every
+        operand is computed, a sum of forms; Sum always the latter."""
+        if node.op == "Sum":
+            return self._sum(node, depth)
+        aff = axis_affine(node, axis)
+        if not isinstance(aff, str):
+            return self._affine(node, aff, depth)
+        if node.op in SUM_OPS and all(G.const(i) is None for i in node.inputs):
+            return self._sum(node, depth)
+        raise NotLinear(aff)
+
     @staticmethod
     def producer(t: gs.Tensor, depth: int) -> gs.Node:
         """The node the walk continues at, or NotLinear when the region is too deep or t is a leaf."""
@@ -301,15 +313,8 @@ class Walker:
             if isinstance(m, str):
                 raise NotLinear(m)
             return self._compose(node, *m, depth)
-        if op in AFFINE_OPS:
-            aff = axis_affine(node)
-            if not isinstance(aff, str):
-                return self._affine(node, aff, depth)
-            if op in SUM_OPS and all(G.const(i) is None for i in node.inputs):
-                return self._sum(node, depth)
-            raise NotLinear(aff)
-        if op == "Sum":
-            return self._sum(node, depth)
+        if op in AFFINE_OPS or op == "Sum":
+            return self._affine_or_sum(node, depth)
         if op in REGROUP_OPS:
             return self._regroup(node, depth)
         if op == "Transpose":
@@ -526,15 +531,8 @@ class TokenWalker(Walker):
             if inner.spec.cout != m.cin:
                 raise NotLinear(f"Conv reads {m.cin} rows, its input has {inner.spec.cout}")
             return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node])
-        if op in AFFINE_OPS:
-            aff = axis_affine(node, -2)
-            if not isinstance(aff, str):
-                return self._affine(node, aff, depth)
-            if op in SUM_OPS and all(G.const(i) is None for i in node.inputs):
-                return self._sum(node, depth)
-            raise NotLinear(aff)
-        if op == "Sum":
-            return self._sum(node, depth)
+        if op in AFFINE_OPS or op == "Sum":
+            return self._affine_or_sum(node, depth, -2)
         raise NotLinear(f"{op} is not linear on the token axis")
 
 
