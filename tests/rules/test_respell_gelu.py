@@ -134,3 +134,20 @@ def test_bfloat16_gelu_is_untouched():
     model = b.build(b.conv(y, 8, 4, k=1))
     out, report = run_rules(model, RULE)
     assert_untouched(model, out, report)
+
+
+def test_non_float_input_declines_with_its_reason():
+    """The precondition check() states: the respelled constants are written in x's dtype, and only
+    float16/32/64 are respelled (a bfloat16 √2 is 1.4140625). A pattern whose input is not one of
+    them is declined with that reason, before anything is rewritten."""
+    import onnx_graphsurgeon as gs
+
+    from onnxrep.patterns import Pattern
+    from onnxrep.rules.respell_gelu import RespellGelu
+
+    for dtype in (np.int32, None):
+        x = gs.Variable("x", dtype=dtype, shape=[1, 8])
+        p = Pattern("gelu", x, gs.Variable("y", dtype=dtype, shape=[1, 8]), [])
+        assert "not float16/32/64" in RespellGelu().check(p, None)
+    x = gs.Variable("x", dtype=np.float32, shape=[1, 8])
+    assert RespellGelu().check(Pattern("gelu", x, x, []), None) is None
