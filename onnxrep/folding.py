@@ -393,10 +393,6 @@ def _dims_product(dims) -> Dim | None:
     return out
 
 
-#: ops whose (first) output has their first input's shape
-_SAME_SHAPE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "HardSwish", "HardSigmoid", "Gelu", "Softmax",
-               "LogSoftmax", "LayerNormalization", "BatchNormalization", "Identity", "Cast", "CastLike", "Neg",
-               "Sqrt", "Exp", "Abs", "Dropout", "Elu", "Selu", "Softplus", "Mish", "Clip", "Not", "Reciprocal"}
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "PRelu"}
 
 
@@ -474,7 +470,7 @@ def _split_dims(n: gs.Node, t: gs.Tensor, depth: int, memo: dict) -> list[Dim | 
 
 def _derive_dims(n: gs.Node, depth: int, memo: dict) -> list[Dim | None] | None:
     x = n.inputs[0]
-    if n.op in _SAME_SHAPE:
+    if n.op in G.SAME_SHAPE_OPS:
         return symbolic_dims(x, depth + 1, memo)
     if n.op == "Transpose":
         xd = symbolic_dims(x, depth + 1, memo)

@@ -230,6 +230,15 @@ def same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
     return all(x == y and x is not None and not (isinstance(x, str) and not x) for x, y in zip(sa, sb))
 
 
+#: ops whose (first) output has the shape of their first input: the shape derivations of
+#: folding.symbolic_dims and symbolic.Evaluator both follow them (one list, so they agree)
+SAME_SHAPE_OPS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Erf", "HardSwish", "HardSigmoid", "Gelu", "Softmax",
+    "LogSoftmax", "LayerNormalization", "BatchNormalization", "InstanceNormalization", "Identity", "Cast",
+    "CastLike", "Neg", "Sqrt", "Exp", "Abs", "Dropout", "Elu", "Selu", "Softplus", "Mish", "Clip", "Not",
+    "Reciprocal", "ScatterND"})
+
+
 def dtype_of(t: gs.Tensor) -> np.dtype | None:
     if isinstance(t, gs.Constant):  # from the tensor's type: reading the values would load them
         try:

@@ -399,10 +399,6 @@ _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.I
               onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16, onnx.TensorProto.UINT8}
 
 
-#: ops whose output has the shape of their first input
-_SAME_SHAPE = {"BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Identity", "Cast", "CastLike",
-               "Dropout", "Neg", "Clip", "HardSwish", "HardSigmoid", "Erf", "Sqrt", "Softplus", "Elu",
-               "InstanceNormalization", "ScatterND", "PRelu", "Selu", "Mish", "Gelu", "Exp", "Abs"}
 
 
 class Evaluator:
@@ -459,7 +455,7 @@ class Evaluator:
             return None
         got = None
         try:
-            if n.op in _SAME_SHAPE:
+            if n.op in G.SAME_SHAPE_OPS:
                 got = self._data_shape(n.inputs[0], depth + 1)
             elif n.op in ("Add", "Sub", "Mul", "Div"):
                 shapes = [self._shape_any(i, depth + 1) for i in n.inputs]
