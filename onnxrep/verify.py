@@ -122,6 +122,25 @@ def input_specs(model: onnx.ModelProto, pinned: dict | None = None) -> dict[str,
     return specs
 
 
+def _guessed_dims_hint(model: onnx.ModelProto, pinned: dict | None, feeds: dict) -> str:
+    """When the run used guessed sizes for symbolic dims, say which, and how to pin the right ones.
+
+    An exporter that bakes the traced size into the graph (torch's legacy exporter does, for slice
+    assignment) writes a model with symbolic dims that only runs at that size."""
+    pinned = pinned or {}
+    guessed = []
+    for vi in model.graph.input:
+        if vi.name in feeds and vi.name not in pinned:
+            dims = vi.type.tensor_type.shape.dim
+            if any(not d.HasField("dim_value") for d in dims):
+                shape = ",".join(str(v) for v in feeds[vi.name].shape)
+                guessed.append(f"{vi.name}:{shape}")
+    if not guessed:
+        return ""
+    return (f" (its symbolic dims were run as {' '.join(guessed)}; if the model only runs at the size it "
+            "was exported with, pin that size with --input-shape)")
+
+
 def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -320,7 +339,8 @@ def reference(original: LeanModel, options: VerifyOptions, pinned: dict | None =
             light, weights = split_lean(original)
             outputs = run(light, feeds, weights)
     except Exception as e:
-        raise InputError(f"ONNX Runtime cannot run the input model: {_first_line(e)}") from e
+        raise InputError(f"ONNX Runtime cannot run the input model: {_first_line(e)}"
+                         f"{_guessed_dims_hint(original.proto, pinned, feeds)}") from e
     rtol = options.rtol if options.rtol is not None else model_rtol(original.proto)
     return Reference(path if path is not None else original, feeds, outputs, rtol, weights)
 

@@ -289,3 +289,36 @@ def test_int64_payload_of_any_numpy_spelling_is_fed_as_a_weight():
     feeds = {"x": np.zeros(128, np.float32), "upd": np.ones((2, 128), np.float32)}
     out = V.run(light, feeds, weights)
     assert np.array_equal(out["y"], np.ones(128, np.float32))
+
+
+# -- an input ORT cannot run ------------------------------------------------------------------------
+def _fixed_size_reshape(dims) -> onnx.ModelProto:
+    """x[N, 2] -> Reshape to the constant [2, 2]: runs only when N is 2, as the legacy
+    exporter's baked slice-assignment shapes do only at the traced size."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    shape = numpy_helper.from_array(np.array([2, 2], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g", [x], [y], [shape])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_input_ort_cannot_run_names_the_guessed_sizes_and_how_to_pin():
+    """Symbolic dims run at guessed sizes (1 for the batch, 32 elsewhere); when ORT then fails, the
+    one-line error says which sizes were used and that --input-shape pins the right ones."""
+    with pytest.raises(onnxrep.InputError) as e:
+        ref_of(_fixed_size_reshape(["n", 2]))
+    msg = str(e.value)
+    assert msg.startswith("ONNX Runtime cannot run the input model: ") and "\n" not in msg
+    assert "its symbolic dims were run as x:1,2" in msg and "--input-shape" in msg
+    assert V.reference(LeanModel.wrap(_fixed_size_reshape(["n", 2])), V.VerifyOptions(), {"x": [2, 2]}).outputs
+
+
+def test_input_ort_cannot_run_without_guessed_dims_has_no_pin_hint():
+    """Static or pinned dims were not guessed: the error is ORT's alone."""
+    with pytest.raises(onnxrep.InputError) as static:
+        ref_of(_fixed_size_reshape([3, 2]))
+    with pytest.raises(onnxrep.InputError) as pinned:
+        V.reference(LeanModel.wrap(_fixed_size_reshape(["n", 2])), V.VerifyOptions(), {"x": [3, 2]})
+    for e in (static, pinned):
+        assert str(e.value).startswith("ONNX Runtime cannot run the input model: ")
+        assert "--input-shape" not in str(e.value)
