@@ -761,3 +761,18 @@ def test_bench_does_not_load_the_rules(ab):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == "[]"
+
+
+def test_size_counts_the_data_files_a_model_names(tmp_path):
+    """The size column is the .onnx plus the external data files its initializers name, whatever
+    they are called: onnxrep writes OUTPUT.<token>.data, not OUTPUT.data."""
+    import onnxrep
+    from onnxrep.bench.models import load_models
+
+    src = save(conv_model(classes=256), tmp_path / "a.onnx")  # a 8 KB fc weight: large enough to go external
+    out = tmp_path / "b.onnx"
+    report = onnxrep.optimize_file(src, out, external_data=True)
+    data = [Path(p) for p in report.written if Path(p) != out]
+    assert data and all(p.name != "b.onnx.data" for p in data)
+    size = out.stat().st_size + sum(p.stat().st_size for p in data)
+    assert [m.size_bytes for m in load_models([src, str(out)], None)] == [Path(src).stat().st_size, size]

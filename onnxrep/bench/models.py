@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import InputError, UsageError
-from ..io import check_model, load_model
+from ..io import check_model, load_model, open_model
 
 
 @dataclass
@@ -76,10 +76,11 @@ class InputSpec:
 
 
 def file_bytes(p: Path) -> int:
-    """Size of a model file plus its `.data` file, if any."""
-    size = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    return size + (data.stat().st_size if data.exists() else 0)
+    """Size of a model file plus the external data files it names (whatever they are called:
+    onnxrep writes `OUTPUT.<token>.data`, torch's dynamo exporter `OUTPUT.data`)."""
+    info: dict = {}
+    open_model(p, check=False, info=info)
+    return info["file_bytes"]
 
 
 def _tensors(items, label: str, skip: set) -> list[TensorInfo]:
@@ -104,8 +105,9 @@ def _load_one(i: int, m, label: str | None) -> BenchModel:
         label = label or f"model{i}"
     else:
         p = Path(m)
-        proto = load_model(p)
-        path, size = str(p), file_bytes(p)
+        info: dict = {}
+        proto = load_model(p, info=info)
+        path, size = str(p), info["file_bytes"]
         label = label or p.name
     inits = {t.name for t in proto.graph.initializer}
     ins = _tensors(proto.graph.input, label, inits)
