@@ -43,10 +43,6 @@ KNOWN_GAPS.update({("lora_merged", form, "hw"): "with a symbolic token count the
                    "cover the rows of a ConstantOfShape whose row count folding.symbolic_dims cannot prove equal "
                    "to the updates' (an Expand could broadcast a one-row Range): the adapter stays unmerged"
                    for form in FORMS if form.startswith("legacy")})
-KNOWN_GAPS.update({("lora_inplace", form, "hw"): "with symbolic H/W the token count is height*width: the in-place "
-                   "+='s run-time ScatterND indices are sized by it, which onnxrep.symbolic cannot express (a "
-                   "product of symbols), so fold_branch_into_slice cannot prove they cover every row: the "
-                   "adapters stay unmerged" for form in FORMS if form.startswith("legacy")})
 
 
 def _cells():
