@@ -598,7 +598,10 @@ class Evaluator:
                 return self._slice_shape(n)
             except Unknown:
                 return None
-        return self._data_shape(t, depth)
+        try:  # shape arithmetic, or a tensor built from it (ConstantOfShape zeros)
+            return self.value(t).shape
+        except Unknown:
+            return self._data_shape(t, depth)
 
     def _pad_shape(self, n: gs.Node, depth: int):
         x = self._data_shape(n.inputs[0], depth + 1)

@@ -39,10 +39,6 @@ _MERGED_LORA_DYNAMIC = ("with symbolic dims dynamo-noopt writes the zero padding
                         "Expanded to a run-time shape, then copied by a whole-range slice_scatter over a Range of "
                         "the rows: fold_linear_affine does not read that as a placement; --input-shape merges it")
 KNOWN_GAPS.update({("lora_merged", "dynamo-noopt", axes): _MERGED_LORA_DYNAMIC for axes in ("batch", "hw")})
-KNOWN_GAPS.update({("lora_merged", form, "hw"): "with a symbolic token count the zero padding's run-time indices "
-                   "cover the rows of a ConstantOfShape whose row count folding.symbolic_dims cannot prove equal "
-                   "to the updates' (an Expand could broadcast a one-row Range): the adapter stays unmerged"
-                   for form in FORMS if form.startswith("legacy")})
 
 
 def _cells():
