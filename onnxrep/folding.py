@@ -533,8 +533,8 @@ def _evaluated_dims(t: gs.Tensor) -> list[Dim | None] | None:
 
     try:
         dims = S.Evaluator().shape(t)
-    except S.Unknown:
-        return None
+    except (S.Unknown, ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return None  # a helper of constant folding: never its failure
     out: list[Dim | None] = []
     for d in dims:
         terms = d.terms()

@@ -91,6 +91,11 @@ class NotLinear(Exception):
     pass
 
 
+class NotPlacement(NotLinear):
+    """A zero padding (ScatterND into zeros, its Expand) not provably a placement: an adapter left
+    unmerged, worth a decline line wherever the walk from the sum stopped."""
+
+
 def _last(t: gs.Tensor, depth: int = 0) -> int | None:
     """The size of t's last (channel) axis: from its shape, or, where shape inference lost it
     (shapes computed at run time from a dynamic batch), from the constant weight of the MatMul/Gemm
@@ -249,6 +254,7 @@ class Walker:
         self.graph = graph
         self.stops: list[str] = []
         self.shape_read: list[gs.Tensor] = []  # walked through, though Shape nodes read them too
+        self.placement_failed = False  # a NotPlacement stopped the walk somewhere
 
     # the axis the walk's matrices act on: its size, and how a decline names it
     axis_size = staticmethod(_last)
@@ -272,6 +278,7 @@ class Walker:
                     return self.form(t, depth + 1)
                 except (NotLinear, K.NotMergeable) as e:
                     self.stops.append(f"'{t.name}': {e}")
+                    self.placement_failed |= isinstance(e, NotPlacement)
             elif _only_shape_readers_besides(self.graph, t, reader):
                 # reshape_as(t) with a dynamic batch: Shape(t) reads t's shape, not its values
                 try:
@@ -446,7 +453,7 @@ class Walker:
             if n.op in CHANNEL_OPS:
                 m = channel_matrix(n, k)
                 if isinstance(m, str):
-                    raise NotLinear(m)
+                    raise (NotPlacement if n.op != "Conv" else NotLinear)(m)
                 if m is not None:
                     if m.cin != spec.cout:
                         raise NotLinear(f"{n.op} reads {m.cin} channels, its input has {spec.cout}")
@@ -462,18 +469,24 @@ class Walker:
         return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer], inner.tokens)
 
     def _scatter(self, node, depth) -> Form:
-        """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix."""
+        """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix;
+        or a whole-range copy (dynamo's `slice_scatter(z, y)` over Range(0, rows of z)): y itself."""
+        copy = whole_copy(node)
+        if copy is True:
+            inner = self.operand(node.inputs[2], node, depth)
+            return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
         m = channel_matrix(node, None)
         if isinstance(m, str) or m is None:
-            raise NotLinear(m or "ScatterND is not a placement")
+            raise NotPlacement(f"{m or 'ScatterND is not a placement'} (as a whole-range copy: {copy})")
         inner = self.operand(node.inputs[2], node, depth)
         if inner.spec.cout != m.cin:
             raise NotLinear(f"ScatterND places {m.cin} columns, its updates have {inner.spec.cout}")
         return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node], inner.tokens)
 
     def _expand(self, node, depth) -> Form:
-        if channel_matrix(node, None) is not None:
-            raise NotLinear("Expand changes the shape")
+        m = channel_matrix(node, None)
+        if m is not None:
+            raise NotPlacement(m if isinstance(m, str) else "Expand changes the shape")
         inner = self.operand(node.inputs[0], node, depth)
         return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
 
@@ -606,14 +619,45 @@ def _runtime_columns(node: gs.Node) -> np.ndarray | str:
     return np.asarray(cols, dtype=np.int64)
 
 
+def whole_copy(node: gs.Node) -> bool | str:
+    """Whether ScatterND(data, indices, updates) returns `updates`, for every value of the symbolic
+    dims (onnxrep.symbolic): indices[i_0, ..., i_{k-1}] = (i_0, ..., i_{k-1}) over the whole of the
+    data's first k axes, and updates provably of the data's shape. The reason otherwise."""
+    if G.const(node.inputs[1]) is not None and G.static_shape(node.inputs[0]) is None:
+        return "constant indices into a tensor of symbolic shape"
+    ev = S.Evaluator()
+    try:
+        index, dims, udims = ev.value(node.inputs[1]), ev.shape(node.inputs[0]), ev.shape(node.inputs[2])
+    except S.Unknown as e:
+        return f"ScatterND's indices cannot be followed ({e})"
+    if not S.whole_copy(index, dims):
+        return "ScatterND does not write every element"
+    if tuple(udims) != tuple(dims):
+        return f"ScatterND's updates {[str(d) for d in udims]} are not provably of its data's shape {[str(d) for d in dims]}"
+    return True
+
+
+def _keeps_shape(node: gs.Node) -> bool:
+    """An Expand whose target, computed at run time, provably broadcasts nothing: its input's dims
+    for every value of the symbolic dims (onnxrep.symbolic), so it is the identity."""
+    ev = S.Evaluator()
+    try:
+        dims = ev.shape(node.inputs[0])
+        return S.broadcast_dims([dims, tuple(ev._target(node.inputs[1]))]) == tuple(dims)
+    except S.Unknown:
+        return False
+
+
 def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
     """A Conv / ScatterND / Expand acting on channel `axis` (None: the last axis) as the rank-0
     spec it applies to every position, None for an Expand that keeps the shape (the identity),
     or the reason it is neither."""
     if node.op == "Expand":
         s_in, shape = G.static_shape(node.inputs[0]), G.const(node.inputs[1])
+        if (s_in is None or shape is None) and _keeps_shape(node):
+            return None
         if s_in is None or shape is None:
-            return "Expand of a tensor whose shape is not static"
+            return "Expand to a shape not provably its input's (it could broadcast)"
         want = [int(v) for v in shape.reshape(-1)]
         if len(want) > len(s_in) or any(w not in (1, d) for w, d in zip(want[::-1], s_in[::-1])):
             return "Expand changes the shape"
@@ -696,7 +740,7 @@ def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
                 continue
             if G.is_graph_output(graph, o):
                 return f"intermediate '{o.name}' is a graph output"
-            if any(id(r) not in inside and not (r.op == "Shape" and id(o) in shaped) for r in o.outputs):
+            if any(id(r) not in inside and not (_meta_reader(r, o) and id(o) in shaped) for r in o.outputs):
                 return f"intermediate '{o.name}' is read outside the region"
     return None
 
@@ -722,7 +766,13 @@ def _feeds_only(graph, node: gs.Node, inside: set, limit: int = 64) -> bool:
 def _only_shape_readers_besides(graph, t: gs.Tensor, reader: gs.Node) -> bool:
     others = [r for r in t.outputs if r is not reader]
     return (not G.is_graph_output(graph, t) and any(r is reader for r in t.outputs) and bool(others)
-            and all(r.op == "Shape" for r in others))
+            and all(_meta_reader(r, t) for r in others))
+
+
+def _meta_reader(r: gs.Node, t: gs.Tensor) -> bool:
+    """A reader of t's shape (Shape) or dtype only (CastLike's target: dynamo-noopt's new_zeros is
+    CastLike(ConstantOfShape(...), y)), none of its values."""
+    return r.op == "Shape" or (r.op == "CastLike" and len(r.inputs) == 2 and r.inputs[1] is t and r.inputs[0] is not t)
 
 
 def _shape_of(root: gs.Node) -> gs.Tensor | None:
@@ -801,7 +851,7 @@ class FoldLinearAffine(Rule):
         except (NotLinear, K.NotMergeable) as e:
             # a zero padding the walk could not read as a placement (an adapter left unmerged) is
             # worth a decline line too, wherever the walk from the sum stopped
-            if _near_miss(node) or "runtimes fuse" in str(e) or any(": ScatterND" in s for s in walker.stops):
+            if _near_miss(node) or "runtimes fuse" in str(e) or walker.placement_failed:
                 stops = "; ".join(dict.fromkeys(walker.stops))
                 return Region(node, out, None, f"{e}" + (f" (walk stopped: {stops})" if stops else ""))
             return None
@@ -833,7 +883,9 @@ class FoldLinearAffine(Rule):
             return reason
         region.dead_shape = []
         for t in region.shape_read:
-            if _same_shape_as_out(region, t):
+            if any(r.op == "CastLike" for r in t.outputs) and G.dtype_of(t) != G.dtype_of(form.source):
+                return f"'{t.name}' is the dtype of a CastLike and not of the region's input's type"
+            if not any(r.op == "Shape" for r in t.outputs) or _same_shape_as_out(region, t):
                 continue
             if all(_feeds_only(ctx.graph, r, inside) for r in t.outputs if r.op == "Shape"):
                 region.dead_shape.append(t)  # its shape only sizes the region's own zeros/indices
@@ -865,6 +917,8 @@ class FoldLinearAffine(Rule):
         main = main or G.unique_node_name(ctx.graph, "onnxrep_matmul")
         dead = {id(t) for t in region.dead_shape}
         for t in region.shape_read:
+            for r in [r for r in t.outputs if r.op == "CastLike" and _meta_reader(r, t)]:
+                r.inputs[1] = src  # the same dtype (checked), and upstream of the region: no cycle
             for r in [r for r in t.outputs if r.op == "Shape"]:
                 # same shape (_same_shape_as_out), or a value only the removed region used (it dies
                 # with it; reading the source keeps the graph well formed until cleanup)

@@ -35,10 +35,6 @@ DYNAMO_DYNAMIC_FAST = {"repvgg", "split_concat"}
 KNOWN_GAPS = {(name, form, "hw"): "the legacy exporter bakes the traced 16x16 into the slice "
               "assignment's Expand: the export itself only runs at that size (exit 3 at 32x32)"
               for name in ("dbb_slice", "ecb") for form in FORMS if form.startswith("legacy")}
-_MERGED_LORA_DYNAMIC = ("with symbolic dims dynamo-noopt writes the zero padding as a ScatterND whose updates are "
-                        "Expanded to a run-time shape, then copied by a whole-range slice_scatter over a Range of "
-                        "the rows: fold_linear_affine does not read that as a placement; --input-shape merges it")
-KNOWN_GAPS.update({("lora_merged", "dynamo-noopt", axes): _MERGED_LORA_DYNAMIC for axes in ("batch", "hw")})
 
 
 def _cells():
