@@ -814,16 +814,16 @@ class Evaluator:
         out = np.zeros(bshape, bool)
         full = {k: np.broadcast_to(a, bshape) for k, a in d.terms.items()}
         for idx in np.ndindex(bshape):
-            lin = Poly.make(0, {k[1]: int(a[idx]) for k, a in full.items() if k is not None})
+            poly = Poly.make(0, {k[1]: int(a[idx]) for k, a in full.items() if k is not None})
             v = full[None][idx]
-            if lin.static == 0:
+            if poly.static == 0:
                 out[idx] = v == 0
             elif not _is_int(full[None]):
                 raise Unknown(f"Equal '{n.name}' on a float that depends on the symbolic dims")
-            elif (lin + int(v) - 1).nonneg() or (-(lin + int(v)) - 1).nonneg():
+            elif (poly + int(v) - 1).nonneg() or (-(poly + int(v)) - 1).nonneg():
                 out[idx] = False
             else:
-                raise Unknown(f"Equal '{n.name}': {lin + int(v)} == 0 depends on the symbolic dims")
+                raise Unknown(f"Equal '{n.name}': {poly + int(v)} == 0 depends on the symbolic dims")
         return Sym(d.shape, {None: out})
 
     def _op_Where(self, n):
