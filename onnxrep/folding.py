@@ -494,9 +494,13 @@ def _derive_dims(n: gs.Node, depth: int, memo: dict) -> list[Dim | None] | None:
         return [None if None in lead else _dims_product(lead), None if None in rest else _dims_product(rest)]
     if n.op == "Reshape" and len(n.inputs) == 2:
         target = _const_ints(n.inputs[1])
+        if target is None:  # a target computed from shapes at run time: onnxrep.symbolic follows it
+            return _evaluated_dims(n.outputs[0])
         xd = symbolic_dims(x, depth + 1, memo)
-        if target is None or xd is None or target.ndim != 1:
+        if target.ndim != 1:
             return None
+        if xd is None:
+            return _evaluated_dims(n.outputs[0])
         out: list[Dim | None] = []
         for i, v in enumerate(int(v) for v in target):
             if v == 0 and not int(n.attrs.get("allowzero", 0)):
@@ -507,6 +511,9 @@ def _derive_dims(n: gs.Node, depth: int, memo: dict) -> list[Dim | None] | None:
             i = target.tolist().index(-1)
             others = out[:i] + out[i + 1:]
             out[i] = None if any(d is None for d in others) else _dim_div(_dims_product(xd), _dims_product(others))
+        if None in out:  # the input's dims come from shape arithmetic (zeros of a run-time shape)
+            ev = _evaluated_dims(n.outputs[0])
+            out = out if ev is None or len(ev) != len(out) else [d if d is not None else e for d, e in zip(out, ev)]
         return out
     if n.op in _BROADCASTING:
         shapes = [symbolic_dims(i, depth + 1, memo) if i.name else None for i in n.inputs]
@@ -517,6 +524,26 @@ def _derive_dims(n: gs.Node, depth: int, memo: dict) -> list[Dim | None] | None:
             return None
         return _broadcast_dims([a[:-2], b[:-2]]) + [a[-2], b[-1]]
     return None
+
+
+def _evaluated_dims(t: gs.Tensor) -> list[Dim | None] | None:
+    """t's dims from onnxrep.symbolic's evaluator (exact for every value of the symbols), those of
+    the form coef · Π symbols as Dims, the others None; None when it cannot tell."""
+    from . import symbolic as S
+
+    try:
+        dims = S.Evaluator().shape(t)
+    except (S.Unknown, ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return None  # a helper of constant folding: never its failure
+    out: list[Dim | None] = []
+    for d in dims:
+        terms = d.terms()
+        if len(terms) == 1 and next(iter(terms.values())) > 0:
+            (mono, coef), = terms.items()
+            out.append(Dim(int(coef), tuple(mono)))
+        else:
+            out.append(Dim(0) if not terms else None)
+    return out
 
 
 _SYMBOLIC_LEN = 8  # shape values longer than this are not shape arithmetic

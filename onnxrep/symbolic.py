@@ -6,12 +6,16 @@ Shape(...): Range(0, Shape(x)[0]) → Reshape → Expand → Unsqueeze → Conca
 Expand(c, Concat(Shape(x)[0:1], 16, 1, 18)) → ScatterND updates. `Evaluator.value(t)` computes such
 a tensor as a function of the symbolic dims and of the element's own coordinates:
 
-    t[i] = num[i] + Σ_s S_s[i]·s + Σ_a C_a[i]·i_a
+    t[i] = num[i] + Σ_m S_m[i]·m + Σ_a C_a[i]·i_a
 
-where s runs over the symbols (dim names of the graph; every symbol is an integer ≥ 0), i_a over
-the coordinates of the axes whose size is symbolic, and num, S_s, C_a are NumPy arrays that
-broadcast to the tensor's shape (size 1 on every symbolic axis, so they cannot depend on a symbolic
-coordinate except through C_a). Dims are `Lin`s: affine integer expressions in the symbols.
+where m runs over monomials of the symbols (products such as height·width; the symbols are the dim
+names of the graph, every one an integer ≥ 0), i_a over the coordinates of the axes whose size is
+symbolic, and num, S_m, C_a are NumPy integer (or, for num, float) arrays that broadcast to the
+tensor's shape (size 1 on every symbolic axis, so they cannot depend on a symbolic coordinate
+except through C_a). Dims are `Poly`s: polynomials with integer coefficients in the symbols, so a
+token count height·width (a Reshape's -1 over [B, C, H, W], or Mul of two Shape entries) is a dim
+like any other. A coordinate's coefficient C_a is a number, never a symbol: a product of a value
+that varies along a symbolic axis and a symbol (i·W, row-major flattening) is refused.
 
 Every op is evaluated exactly or refused with `Unknown(reason)`: a clamp, a comparison or a
 broadcast is resolved only when it is provably the same for every value of the symbols (symbols
@@ -22,8 +26,10 @@ tensor's dims), from Slice/Transpose/Cast of a tensor of known shape, or from th
 declares (int or a named dim; onnx's `unk__N` placeholders are not symbols).
 
 Supported ops: Shape, Size-free shape arithmetic (Gather, Slice, Concat, Unsqueeze, Squeeze,
-Reshape, Expand, Transpose, Range, ConstantOfShape), Add/Sub/Mul/Neg/Div (Mul and Div only with a
-constant operand), Equal/Where (decided for all symbol values), Cast/CastLike, Identity.
+Reshape, Expand, Transpose, Range, ConstantOfShape), Add/Sub/Mul/Neg/Div (Mul of two symbolic values
+only when neither varies along a symbolic axis; Div only of numbers), Equal/Where (decided for all
+symbol values), Cast/CastLike, Identity. A Reshape that regroups symbolic dims ([B, C, H, W] →
+[B, C, H·W]) is followed when the value does not vary along the regrouped axes.
 """
 from __future__ import annotations
 
@@ -46,64 +52,129 @@ class Unknown(Exception):
     """The value cannot be computed for every value of the symbols; the message says why."""
 
 
+Mono = tuple  # a monomial: sorted symbol names, with repeats (("height", "width") is height·width)
+
+
+def _mono_value(mono: tuple, env: dict[str, int]) -> int:
+    out = 1
+    for s in mono:
+        out *= env[s]
+    return out
+
+
 @dataclass(frozen=True)
-class Lin:
-    """const + Σ coef·symbol, symbols being integer dims ≥ 0."""
+class Poly:
+    """const + Σ coef·monomial, a polynomial with integer coefficients in the symbols (integer dims
+    ≥ 0): `height*width` is one term of degree 2. Equal polynomials are equal for every value of
+    the symbols, so `==` compares dims; `nonneg` proves a sign for all of them or refuses."""
 
     const: int = 0
-    coefs: tuple[tuple[str, int], ...] = ()
+    coefs: tuple[tuple[Mono, int], ...] = ()
 
     @staticmethod
-    def of(v) -> "Lin":
-        if isinstance(v, Lin):
+    def of(v) -> "Poly":
+        if isinstance(v, Poly):
             return v
         if isinstance(v, str):
-            return Lin(0, ((v, 1),))
-        return Lin(int(v))
+            return Poly(0, (((v,), 1),))
+        return Poly(int(v))
 
     @staticmethod
-    def make(const, coefs: dict) -> "Lin":
-        return Lin(int(const), tuple(sorted((s, int(c)) for s, c in coefs.items() if c)))
+    def make(const, coefs: dict) -> "Poly":
+        return Poly(int(const), tuple(sorted((tuple(m), int(c)) for m, c in coefs.items() if c)))
 
-    def __add__(self, other) -> "Lin":
-        o = Lin.of(other)
+    @staticmethod
+    def monomial(mono, coef: int = 1) -> "Poly":
+        mono = tuple(sorted(mono))
+        return Poly(int(coef)) if not mono else Poly.make(0, {mono: coef})
+
+    def terms(self) -> dict:
+        """{monomial: coef}, the constant under ()."""
+        out = dict(self.coefs)
+        if self.const:
+            out[()] = self.const
+        return out
+
+    @staticmethod
+    def _from_terms(terms: dict) -> "Poly":
+        const = terms.pop((), 0)
+        return Poly.make(const, terms)
+
+    def __add__(self, other) -> "Poly":
+        o = Poly.of(other)
         d = dict(self.coefs)
         for s, c in o.coefs:
             d[s] = d.get(s, 0) + c
-        return Lin.make(self.const + o.const, d)
+        return Poly.make(self.const + o.const, d)
 
-    def __neg__(self) -> "Lin":
-        return Lin(-self.const, tuple((s, -c) for s, c in self.coefs))
+    def __neg__(self) -> "Poly":
+        return Poly(-self.const, tuple((s, -c) for s, c in self.coefs))
 
-    def __sub__(self, other) -> "Lin":
-        return self + (-Lin.of(other))
+    def __sub__(self, other) -> "Poly":
+        return self + (-Poly.of(other))
 
-    def scale(self, k: int) -> "Lin":
-        return Lin.make(self.const * k, {s: c * k for s, c in self.coefs})
+    def __mul__(self, other) -> "Poly":
+        o = Poly.of(other)
+        out: dict = {}
+        for m1, c1 in self.terms().items():
+            for m2, c2 in o.terms().items():
+                m = tuple(sorted(m1 + m2))
+                out[m] = out.get(m, 0) + c1 * c2
+        return Poly._from_terms(out)
+
+    def scale(self, k: int) -> "Poly":
+        return Poly.make(self.const * k, {s: c * k for s, c in self.coefs})
+
+    def divide(self, other) -> "Poly | None":
+        """self / other when other is one term (c·monomial) dividing every term of self exactly,
+        else None: the quotient is then exact for every value of the symbols."""
+        o = Poly.of(other).terms()
+        if len(o) != 1:
+            return None
+        ((m, c),) = o.items()
+        out = {}
+        for mono, k in self.terms().items():
+            rest = list(mono)
+            for s in m:
+                if s not in rest:
+                    return None
+                rest.remove(s)
+            if k % c:
+                return None
+            out[tuple(rest)] = out.get(tuple(rest), 0) + k // c
+        return Poly._from_terms(out)
 
     @property
     def static(self) -> int | None:
         return None if self.coefs else self.const
 
     def nonneg(self) -> bool:
-        """Provably ≥ 0 for every value of the symbols (all ≥ 0)."""
+        """Provably ≥ 0 for every value of the symbols (all ≥ 0): every coefficient is. Sufficient,
+        not necessary (H·W − H + 1 is refused): a proof never rests on a sample."""
         return self.const >= 0 and all(c >= 0 for _, c in self.coefs)
 
     def ge(self, other) -> bool:
-        return (self - Lin.of(other)).nonneg()
+        return (self - Poly.of(other)).nonneg()
 
     def subs(self, env: dict[str, int]) -> int:
         """The value for given symbol values."""
-        return self.const + sum(c * env[s] for s, c in self.coefs)
+        return self.const + sum(c * _mono_value(m, env) for m, c in self.coefs)
 
     def __str__(self) -> str:
-        parts = [(f"{c}*{s}" if c != 1 else s) for s, c in self.coefs]
+        parts = [("*".join(m) if c == 1 else f"{c}*{'*'.join(m)}") for m, c in self.coefs]
         if self.const or not parts:
             parts.append(str(self.const))
         return " + ".join(parts)
 
 
-ONE = Lin(1)
+def product(dims) -> Poly:
+    out = Poly(1)
+    for d in dims:
+        out = out * d
+    return out
+
+
+ONE = Poly(1)
 
 
 def _is_int(a: np.ndarray) -> bool:
@@ -116,7 +187,7 @@ class Sym:
     on symbolic axes and 1 or the dim on static ones."""
 
     def __init__(self, shape, terms: dict):
-        self.shape = tuple(Lin.of(d) for d in shape)
+        self.shape = tuple(Poly.of(d) for d in shape)
         self.terms = {k: np.asarray(v) for k, v in terms.items()}
         self.terms.setdefault(None, np.zeros((1,) * len(self.shape), np.int64))
         for k, a in self.terms.items():
@@ -157,14 +228,14 @@ class Sym:
             if k is None:
                 continue
             if k[0] == "s":
-                out = out + np.broadcast_to(a, shape) * env[k[1]]
+                out = out + np.broadcast_to(a, shape) * _mono_value(k[1], env)
             else:
                 ar = np.arange(shape[k[1]]).reshape([-1 if i == k[1] else 1 for i in range(len(shape))])
                 out = out + np.broadcast_to(a, shape) * ar
         return np.broadcast_to(out, shape)
 
-    def lins(self) -> list[Lin]:
-        """A 1-D (or 0-D) static-length int tensor as its list of Lins (a shape vector)."""
+    def polys(self) -> list[Poly]:
+        """A 1-D (or 0-D) static-length int tensor as its list of Polys (a shape vector)."""
         if self.rank > 1 or (self.rank == 1 and self.shape[0].static is None):
             raise Unknown("a shape vector of symbolic length")
         if any(k is not None and k[0] == "i" for k, a in self.terms.items() if np.any(a)):
@@ -177,7 +248,7 @@ class Sym:
                 raise Unknown("a shape vector that is not integer")
             coefs = {k[1]: int(a[(min(j, a.shape[0] - 1),) if self.rank else ()])
                      for k, a in self.terms.items() if k is not None}
-            out.append(Lin.make(int(self.num[idx]), coefs))
+            out.append(Poly.make(int(self.num[idx]), coefs))
         return out
 
     def component(self, j: int) -> "Sym":
@@ -210,7 +281,7 @@ class Sym:
         shape = [ONE if ax in index else d for ax, d in enumerate(self.shape)]
         return Sym(shape, terms)
 
-    def scalar(self) -> tuple[Lin, dict[int, int]]:
+    def scalar(self) -> tuple[Poly, dict[int, int]]:
         """A value that varies along no static axis: its constant part and the (constant)
         coefficient of each symbolic coordinate it depends on."""
         const = {}
@@ -228,7 +299,7 @@ class Sym:
                 const[k[1]] = int(v)
             elif int(v):
                 coord[k[1]] = int(v)
-        return Lin.make(base, const), coord
+        return Poly.make(base, const), coord
 
 
 # -- array helpers ---------------------------------------------------------------------------------
@@ -251,7 +322,7 @@ def _renumber(terms: dict, mapping) -> dict:
     return out
 
 
-def broadcast_dims(shapes: list[tuple[Lin, ...]]) -> tuple[Lin, ...]:
+def broadcast_dims(shapes: list[tuple[Poly, ...]]) -> tuple[Poly, ...]:
     r = max((len(s) for s in shapes), default=0)
     out = []
     for ax in range(r):
@@ -267,7 +338,7 @@ def broadcast_dims(shapes: list[tuple[Lin, ...]]) -> tuple[Lin, ...]:
     return tuple(out)
 
 
-def _align(s: Sym, shape: tuple[Lin, ...]) -> Sym:
+def _align(s: Sym, shape: tuple[Poly, ...]) -> Sym:
     """s broadcast to `shape` (which broadcast_dims produced from s's shape and others)."""
     off = len(shape) - s.rank
     terms = {}
@@ -302,7 +373,7 @@ def _fold_static_axis(terms: dict, ax: int, length: int) -> dict:
     return terms
 
 
-def _shift_axis(terms: dict, ax: int, start: Lin) -> dict:
+def _shift_axis(terms: dict, ax: int, start: Poly) -> dict:
     """Coordinates along `ax` start at `start`: t_old = start + t_new."""
     key = ("i", ax)
     if key not in terms:
@@ -315,24 +386,24 @@ def _shift_axis(terms: dict, ax: int, start: Lin) -> dict:
     return terms
 
 
-def clamp_index(x: Lin, dim: Lin, what: str) -> Lin:
+def clamp_index(x: Poly, dim: Poly, what: str) -> Poly:
     """ONNX Slice's start/end resolution on an axis of size `dim`, for every symbol value."""
     if x.static is not None and x.static >= INFINITE:
         return dim
     if x.static is not None and x.static <= -INFINITE:
-        return Lin(0)
+        return Poly(0)
     if x.static is not None and x.static < 0:
         x = x + dim
     if x.nonneg() and dim.ge(x):
         return x
     if (-x).nonneg():
-        return Lin(0)
+        return Poly(0)
     if x.ge(dim):
         return dim
     raise Unknown(f"Slice {what} {x} on an axis of size {dim} depends on the symbolic dims")
 
 
-def slice_dim(dim: Lin, start: Lin, end: Lin, step: int) -> tuple[Lin, Lin]:
+def slice_dim(dim: Poly, start: Poly, end: Poly, step: int) -> tuple[Poly, Poly]:
     """(first index, length) of Slice(start, end, step) on an axis of size `dim`."""
     if step == 1:
         s = clamp_index(start, dim, "start")
@@ -341,16 +412,16 @@ def slice_dim(dim: Lin, start: Lin, end: Lin, step: int) -> tuple[Lin, Lin]:
         if n.nonneg():
             return s, n
         if (-n).nonneg():
-            return s, Lin(0)
+            return s, Poly(0)
         raise Unknown(f"Slice length {n} depends on the symbolic dims")
     d = dim.static
     if d is None or start.static is None or end.static is None:
         raise Unknown("a Slice with a step other than 1 on a symbolic axis")
     idx = range(d)[slice(start.static, end.static, step)]
-    return Lin(idx.start if len(idx) else 0), Lin(len(idx))
+    return Poly(idx.start if len(idx) else 0), Poly(len(idx))
 
 
-def whole_copy(index: Sym, data_dims: tuple[Lin, ...]) -> bool:
+def whole_copy(index: Sym, data_dims: tuple[Poly, ...]) -> bool:
     """Whether ScatterND indices are indices[i_0, ..., i_{k-1}] = (i_0, ..., i_{k-1}) over the whole
     of the data's first k axes, for every value of the symbols: the ScatterND then returns its
     updates, whatever the data (a slice_scatter over a full range, as torch writes `x[:, :] = y`)."""
@@ -363,29 +434,29 @@ def whole_copy(index: Sym, data_dims: tuple[Lin, ...]) -> bool:
         if index.shape[j] != data_dims[j]:
             return False
         if not deps:  # an axis of size 1: its only index must be 0
-            if data_dims[j] != ONE or c.scalar()[0] != Lin(0):
+            if data_dims[j] != ONE or c.scalar()[0] != Poly(0):
                 return False
             continue
         if deps != {j}:
             return False
         if index.shape[j].static is not None:
             got = [c.at({j: i}).scalar()[0] for i in range(index.shape[j].static)]
-            if got != [Lin(i) for i in range(index.shape[j].static)]:
+            if got != [Poly(i) for i in range(index.shape[j].static)]:
                 return False
-        elif c.scalar() != (Lin(0), {j: 1}):
+        elif c.scalar() != (Poly(0), {j: 1}):
             return False
     return True
 
 
-def declared_dims(t: gs.Tensor) -> tuple[Lin, ...] | None:
+def declared_dims(t: gs.Tensor) -> tuple[Poly, ...] | None:
     if t.shape is None:
         return None
     out = []
     for d in t.shape:
         if isinstance(d, (int, np.integer)) and d >= 0:
-            out.append(Lin(int(d)))
+            out.append(Poly(int(d)))
         elif isinstance(d, str) and d and not d.startswith("unk__"):
-            out.append(Lin.of(d))
+            out.append(Poly.of(d))
         else:
             return None
     return tuple(out)
@@ -411,13 +482,13 @@ class Evaluator:
         self._visits = 0
 
     # -- shapes --------------------------------------------------------------------------------
-    def shape(self, t: gs.Tensor) -> tuple[Lin, ...]:
+    def shape(self, t: gs.Tensor) -> tuple[Poly, ...]:
         known = self._shape_of(t)
         if known is not None:
             return tuple(known)
         c = G.const(t) if isinstance(t, gs.Constant) else None
         if c is not None:
-            return tuple(Lin(int(d)) for d in np.shape(c))
+            return tuple(Poly(int(d)) for d in np.shape(c))
         n = G.producer(t)
         if n is not None and n.outputs and n.outputs[0] is t:
             if n.op in ("Cast", "CastLike", "Identity", "Relu", "Neg") or n.op == "ScatterND":
@@ -439,15 +510,16 @@ class Evaluator:
             raise Unknown(f"the shape of '{t.name}' is not known")
         return dims
 
-    def _data_shape(self, t: gs.Tensor, depth: int = 0) -> tuple[Lin, ...] | None:
+    def _data_shape(self, t: gs.Tensor, depth: int = 0) -> tuple[Poly, ...] | None:
         """Dims of a data tensor whose declared shape has unknowns (onnx infers no dim for a Conv
         over symbolic H, W), derived from its producer: same-shape ops, broadcasting, Pad by
-        constants, Conv/pooling with stride 1 (X + pads - dilation·(k-1)) or on static dims."""
+        constants, Conv/pooling with stride 1 (X + pads - dilation·(k-1)) or on static dims,
+        Transpose, MatMul, and Expand / Reshape to a target this evaluator computes."""
         n = G.producer(t)
         declared = [None] * len(t.shape) if t.shape is not None else None
         if t.shape is not None:
-            declared = [Lin(int(d)) if isinstance(d, (int, np.integer)) and d >= 0 else
-                        Lin.of(d) if isinstance(d, str) and d and not d.startswith("unk__") else None
+            declared = [Poly(int(d)) if isinstance(d, (int, np.integer)) and d >= 0 else
+                        Poly.of(d) if isinstance(d, str) and d and not d.startswith("unk__") else None
                         for d in t.shape]
             if all(d is not None for d in declared):
                 return tuple(declared)
@@ -464,6 +536,19 @@ class Evaluator:
                 got = self._pad_shape(n, depth)
             elif n.op in ("Conv", "AveragePool", "MaxPool"):
                 got = self._window_shape(n, depth)
+            elif n.op == "Transpose":
+                x = self._shape_any(n.inputs[0], depth + 1)
+                perm = _attr(n, "perm")
+                if x is not None:
+                    perm = list(range(len(x)))[::-1] if perm is None else [int(p) for p in perm]
+                    got = tuple(x[p] for p in perm) if sorted(perm) == list(range(len(x))) else None
+            elif n.op == "MatMul":
+                got = self._matmul_shape(n, depth)
+            elif n.op == "Expand":
+                x = self._shape_any(n.inputs[0], depth + 1)
+                got = None if x is None else broadcast_dims([x, tuple(self._target(n.inputs[1]))])
+            elif n.op == "Reshape":
+                got = self._reshape_shape(n, depth)
         except Unknown:
             got = None
         if got is None or (declared is not None and len(declared) != len(got)):
@@ -472,10 +557,51 @@ class Evaluator:
             got = tuple(d if d is not None else g for d, g in zip(declared, got))
         return tuple(got)
 
-    def _shape_any(self, t: gs.Tensor, depth: int) -> tuple[Lin, ...] | None:
+    def _matmul_shape(self, n: gs.Node, depth: int):
+        """MatMul: [..., M, K] · [K, N] (numpy's rules; batch axes broadcast)."""
+        a, b = (self._shape_any(i, depth + 1) for i in n.inputs[:2])
+        if a is None or b is None or len(a) < 2 or len(b) < 2 or a[-1] != b[-2]:
+            return None
+        return broadcast_dims([a[:-2], b[:-2]]) + (a[-2], b[-1])
+
+    def _reshape_shape(self, n: gs.Node, depth: int):
+        """Reshape to a target the evaluator computes (a constant, or shape arithmetic), its 0s
+        copied and its -1 inferred for every value of the symbols."""
+        x = self._shape_any(n.inputs[0], depth + 1)
+        if x is None:
+            return None
+        target = self._target(n.inputs[1])
+        if not int(_attr(n, "allowzero", 0)):
+            if any(d.static == 0 and i >= len(x) for i, d in enumerate(target)):
+                return None
+            target = [x[i] if d.static == 0 else d for i, d in enumerate(target)]
+        if any(d.static is not None and d.static < -1 for d in target) or any(
+                d.static is None and not d.nonneg() for d in target):
+            return None
+        if [d.static for d in target].count(-1) > 1:
+            return None
+        if -1 in [d.static for d in target]:
+            target[[d.static for d in target].index(-1)] = self._infer_minus_one(x, target, n)
+        elif product(x) != product(target):
+            return None
+        return tuple(target)
+
+    def _shape_any(self, t: gs.Tensor, depth: int) -> tuple[Poly, ...] | None:
         if isinstance(t, gs.Constant):
-            return tuple(Lin(int(d)) for d in t.shape)
-        return self._data_shape(t, depth)
+            return tuple(Poly(int(d)) for d in t.shape)
+        known = self._shape_of(t)
+        if known is not None:
+            return tuple(known)
+        n = G.producer(t)
+        if n is not None and n.op == "Slice" and n.outputs[0] is t and depth <= 64:
+            try:
+                return self._slice_shape(n)
+            except Unknown:
+                return None
+        try:  # shape arithmetic, or a tensor built from it (ConstantOfShape zeros)
+            return self.value(t).shape
+        except Unknown:
+            return self._data_shape(t, depth)
 
     def _pad_shape(self, n: gs.Node, depth: int):
         x = self._data_shape(n.inputs[0], depth + 1)
@@ -495,7 +621,7 @@ class Evaluator:
             w = n.inputs[1].shape
             if w is None or any(not isinstance(d, (int, np.integer)) for d in w):
                 return None
-            channels, kernel = Lin(int(w[0])), [int(d) for d in w[2:]]
+            channels, kernel = Poly(int(w[0])), [int(d) for d in w[2:]]
         else:
             channels, kernel = x[1], list(_attr(n, "kernel_shape"))
         pads = list(_attr(n, "pads", [0] * 2 * r))
@@ -505,14 +631,14 @@ class Evaluator:
         for a in range(r):
             span = x[a + 2] + pads[a] + pads[a + r] - dil[a] * (kernel[a] - 1)
             if span.static is not None:
-                out.append(Lin((span.static - 1) // strides[a] + 1))
+                out.append(Poly((span.static - 1) // strides[a] + 1))
             elif strides[a] == 1:
                 out.append(span)
             else:
                 return None
         return tuple(out)
 
-    def _slice_shape(self, n: gs.Node) -> tuple[Lin, ...]:
+    def _slice_shape(self, n: gs.Node) -> tuple[Poly, ...]:
         dims = list(self.shape(n.inputs[0]))
         for ax, start, end, step in self._slice_params(n, len(dims)):
             _, length = slice_dim(dims[ax], start, end, step)
@@ -521,14 +647,14 @@ class Evaluator:
 
     def _slice_params(self, n: gs.Node, rank: int):
         if len(n.inputs) >= 3:
-            starts = self.value(n.inputs[1]).lins()
-            ends = self.value(n.inputs[2]).lins()
+            starts = self.value(n.inputs[1]).polys()
+            ends = self.value(n.inputs[2]).polys()
             axes = (self._ints(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3].name
                     else list(range(len(starts))))
             steps = (self._ints(n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4].name else [1] * len(starts))
         else:
-            starts = [Lin(int(v)) for v in _attr(n, "starts", [])]
-            ends = [Lin(int(v)) for v in _attr(n, "ends", [])]
+            starts = [Poly(int(v)) for v in _attr(n, "starts", [])]
+            ends = [Poly(int(v)) for v in _attr(n, "ends", [])]
             axes = list(_attr(n, "axes", range(len(starts))))
             steps = [1] * len(starts)
         if not (len(starts) == len(ends) == len(axes) == len(steps)):
@@ -540,7 +666,7 @@ class Evaluator:
 
     def _ints(self, t: gs.Tensor) -> list[int]:
         out = []
-        for x in self.value(t).lins():
+        for x in self.value(t).polys():
             if x.static is None:
                 raise Unknown(f"'{t.name}' depends on the symbolic dims where a constant is needed")
             out.append(x.static)
@@ -645,11 +771,26 @@ class Evaluator:
         a, b = self.value(n.inputs[0]), self.value(n.inputs[1])
         if not a.numeric:
             a, b = b, a
-        if not a.numeric:
-            raise Unknown(f"Mul '{n.name}' of two values that depend on the symbolic dims (not affine)")
         shape = broadcast_dims([a.shape, b.shape])
         a, b = _align(a, shape), _align(b, shape)
-        return Sym(shape, {k: v * a.num for k, v in b.terms.items()})
+        if a.numeric:
+            return Sym(shape, {k: v * a.num for k, v in b.terms.items()})
+        # both depend on the symbols: a polynomial product, term by term
+        for x in (a, b):
+            if any(k is not None and k[0] == "i" and np.any(v) for k, v in x.terms.items()):
+                raise Unknown(f"Mul '{n.name}' of a symbol and a value that varies along a symbolic axis")
+            if not _is_int(x.num):
+                raise Unknown(f"Mul '{n.name}' of a float that depends on the symbolic dims")
+        out: dict = {}
+        ta = {k: v for k, v in a.terms.items() if k is None or k[0] == "s"}
+        tb = {k: v for k, v in b.terms.items() if k is None or k[0] == "s"}
+        for ka, va in ta.items():
+            for kb, vb in tb.items():
+                mono = tuple(sorted((ka[1] if ka else ()) + (kb[1] if kb else ())))
+                key = ("s", mono) if mono else None
+                prod = va.astype(np.int64) * vb.astype(np.int64)
+                out[key] = out[key] + prod if key in out else prod
+        return Sym(shape, out)
 
     def _op_Div(self, n):
         a, b = self.value(n.inputs[0]), self.value(n.inputs[1])
@@ -673,16 +814,16 @@ class Evaluator:
         out = np.zeros(bshape, bool)
         full = {k: np.broadcast_to(a, bshape) for k, a in d.terms.items()}
         for idx in np.ndindex(bshape):
-            lin = Lin.make(0, {k[1]: int(a[idx]) for k, a in full.items() if k is not None})
+            poly = Poly.make(0, {k[1]: int(a[idx]) for k, a in full.items() if k is not None})
             v = full[None][idx]
-            if lin.static == 0:
+            if poly.static == 0:
                 out[idx] = v == 0
             elif not _is_int(full[None]):
                 raise Unknown(f"Equal '{n.name}' on a float that depends on the symbolic dims")
-            elif (lin + int(v) - 1).nonneg() or (-(lin + int(v)) - 1).nonneg():
+            elif (poly + int(v) - 1).nonneg() or (-(poly + int(v)) - 1).nonneg():
                 out[idx] = False
             else:
-                raise Unknown(f"Equal '{n.name}': {lin + int(v)} == 0 depends on the symbolic dims")
+                raise Unknown(f"Equal '{n.name}': {poly + int(v)} == 0 depends on the symbolic dims")
         return Sym(d.shape, {None: out})
 
     def _op_Where(self, n):
@@ -709,7 +850,7 @@ class Evaluator:
         terms = {}
         for k, a in data.terms.items():
             terms[k] = np.take(a, idx if a.shape[ax] > 1 else np.zeros_like(idx), axis=ax)
-        shape = data.shape[:ax] + tuple(Lin(d) for d in idx.shape) + data.shape[ax + 1:]
+        shape = data.shape[:ax] + tuple(Poly(d) for d in idx.shape) + data.shape[ax + 1:]
         terms = _renumber(terms, lambda a: a if a < ax else (None if a == ax else a + idx.ndim - 1))
         return Sym(shape, terms)
 
@@ -774,11 +915,11 @@ class Evaluator:
                 parts.append(np.broadcast_to(a, common))
             terms[k] = np.concatenate(parts, axis=ax)
         shape = list(xs[0].shape)
-        shape[ax] = Lin(sum(x.shape[ax].static for x in xs))
+        shape[ax] = Poly(sum(x.shape[ax].static for x in xs))
         return Sym(shape, terms)
 
-    def _target(self, t: gs.Tensor) -> list[Lin]:
-        return self.value(t).lins()
+    def _target(self, t: gs.Tensor) -> list[Poly]:
+        return self.value(t).polys()
 
     def _op_Expand(self, n):
         x = self.value(n.inputs[0])
@@ -795,7 +936,7 @@ class Evaluator:
         return Sym(dims, {None: arr.astype(np.int64) if arr.dtype.kind in "iu" else arr})
 
     def _op_Range(self, n):
-        start, limit, delta = (self.value(i).lins() for i in n.inputs[:3])
+        start, limit, delta = (self.value(i).polys() for i in n.inputs[:3])
         start, limit, delta = start[0], limit[0], delta[0]
         if delta.static is None or delta.static == 0:
             raise Unknown(f"Range '{n.name}' with a symbolic or zero step")
@@ -823,7 +964,7 @@ class Evaluator:
                     raise Unknown(f"Slice '{n.name}' with symbolic bounds on a static axis")
                 idx = np.arange(shape[ax].static)[slice(start.static, end.static, step)]
                 terms = {k: np.take(a, idx, axis=ax) if a.shape[ax] > 1 else a for k, a in terms.items()}
-                shape[ax] = Lin(len(idx))
+                shape[ax] = Poly(len(idx))
                 continue
             first, length = slice_dim(shape[ax], start, end, step)
             terms = _shift_axis(terms, ax, first)
@@ -855,38 +996,76 @@ class Evaluator:
             if int(np.prod(static_in)) != int(np.prod(static_out)):
                 raise Unknown(f"Reshape '{n.name}': element counts differ")
             return Sym(static_out, {k: np.broadcast_to(a, static_in).reshape(static_out) for k, a in x.terms.items()})
-        # symbolic dims: only reshapes that add or drop static 1s, keeping the other dims in order
-        src = [(a, d) for a, d in enumerate(x.shape) if d != ONE]
-        dst = [(a, d) for a, d in enumerate(dims) if d != ONE]
-        if [d for _, d in src] != [d for _, d in dst]:
-            raise Unknown(f"Reshape '{n.name}' regroups symbolic dims")
-        mapping = {a: b for (a, _), (b, _) in zip(src, dst)}
+        # symbolic dims: the non-1 dims are cut into groups of equal products (row-major, such a
+        # group keeps its elements together and every other coordinate unchanged); a group of one
+        # dim on each side is the same axis, any other group ([H, W] → [H·W]) must not vary
+        groups = _reshape_groups([d for d in x.shape if d != ONE], [d for d in dims if d != ONE])
+        if groups is None:
+            raise Unknown(f"Reshape '{n.name}' regroups symbolic dims into dims of different products")
+        src_axes = [a for a, d in enumerate(x.shape) if d != ONE]
+        dst_axes = [a for a, d in enumerate(dims) if d != ONE]
+        mapping, flat = {}, set()
+        for (i0, i1), (j0, j1) in groups:
+            if i1 - i0 == 1 and j1 - j0 == 1:
+                mapping[src_axes[i0]] = dst_axes[j0]
+                continue
+            for a in src_axes[i0:i1]:
+                flat.add(a)
+        for k, a in x.terms.items():
+            for ax in flat:
+                if (k is not None and k[0] == "i" and k[1] == ax and np.any(a)) or (
+                        a.shape[ax] > 1 and np.any(np.diff(a, axis=ax))):
+                    raise Unknown(f"Reshape '{n.name}' regroups symbolic dims of a value that varies along them")
         terms = {}
         for k, a in x.terms.items():
+            if k is not None and k[0] == "i" and k[1] in flat:
+                continue  # all zeros (checked above)
             shape = [1] * len(dims)
+            sl = tuple(slice(0, 1) if ax in flat else slice(None) for ax in range(x.rank))
+            a = a[sl]
             for old, new in mapping.items():
                 shape[new] = a.shape[old]
             terms[k] = a.reshape(shape)
         return Sym(dims, _renumber(terms, lambda a: mapping.get(a)))
 
     @staticmethod
-    def _infer_minus_one(src: tuple[Lin, ...], dims: list[Lin], n) -> Lin:
+    def _infer_minus_one(src: tuple[Poly, ...], dims: list[Poly], n) -> Poly:
+        """The -1 of a Reshape target: the input's element count over the other entries', exact
+        for every value of the symbols (equal dims cancel first; what is left of the divisor must
+        be one term c·monomial dividing every term of the dividend), or Unknown."""
         known = [d for d in dims if d.static != -1]
         rest = [d for d in src if d != ONE]
-        factor = 1
+        divisor = []
         for d in known:
             if d == ONE:
                 continue
             if d in rest:
                 rest.remove(d)
-            elif d.static is not None:
-                factor *= d.static
             else:
-                raise Unknown(f"Reshape '{n.name}': cannot infer its -1 for every value of the symbols")
-
-        sym = [d for d in rest if d.static is None]
-        num = int(np.prod([d.static for d in rest if d.static is not None] or [1]))
-        if len(sym) > 1 or num % factor:
+                divisor.append(d)
+        q = product(rest).divide(product(divisor))
+        if q is None:
             raise Unknown(f"Reshape '{n.name}': cannot infer its -1 for every value of the symbols")
-        prod = sym[0].scale(num // factor) if sym else Lin(num // factor)
-        return prod
+        return q
+
+
+def _reshape_groups(src: list[Poly], dst: list[Poly]):
+    """[((i0, i1), (j0, j1)), ...]: src[i0:i1] and dst[j0:j1] have equal products (as polynomials,
+    so for every value of the symbols), each group the shortest such from where the last ended;
+    None when no cut covers both lists."""
+    out, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        found = None
+        for size in range(2, len(src) - i + len(dst) - j + 1):
+            for a in range(1, size):
+                b = size - a
+                if i + a <= len(src) and j + b <= len(dst) and product(src[i:i + a]) == product(dst[j:j + b]):
+                    found = (a, b)
+                    break
+            if found:
+                break
+        if found is None:
+            return None
+        out.append(((i, i + found[0]), (j, j + found[1])))
+        i, j = i + found[0], j + found[1]
+    return out

@@ -320,7 +320,7 @@ _MAX_ATOMS = 1 << 24
 
 
 def _pad_dims(pad: gs.Node, lin) -> list | None:
-    """The padded tensor's dims as S.Lin: the Pad input's (symbolic) dims plus the pads."""
+    """The padded tensor's dims as S.Poly: the Pad input's (symbolic) dims plus the pads."""
     from onnxrep.folding import symbolic_dims
 
     xd = symbolic_dims(pad.inputs[0])
@@ -328,8 +328,8 @@ def _pad_dims(pad: gs.Node, lin) -> list | None:
         xd = S.Evaluator()._data_shape(pad.inputs[0])
         if xd is None:
             return None
-    else:  # folding's Dim: coef · Π symbols; a product of symbols (H·W) is one opaque symbol, still ≥ 0
-        xd = [S.Lin(d.coef) if not d.syms else S.Lin.of("*".join(d.syms)).scale(d.coef) for d in xd]
+    else:  # folding's Dim: coef · Π symbols, the same monomial as onnxrep.symbolic's
+        xd = [S.Poly.monomial(d.syms, d.coef) for d in xd]
     r = len(xd)
     return [x + lin.spec.pads[a - 2] + lin.spec.pads[a - 2 + r - 2] if a >= 2 else x for a, x in enumerate(xd)]
 
@@ -362,14 +362,14 @@ class _Atoms:
         if where[0] == "range":
             lo, hi = where[1], where[2]
             if self.static is None and not self.padded:
-                if lo == S.Lin(0) and hi == self.dim:
+                if lo == S.Poly(0) and hi == self.dim:
                     return [0]
                 raise _Reject(f"ScatterND indices do not cover all of {self._what()} (positions {lo} to {hi} "
                               f"of {self.dim})")
             if self.static is not None:
                 if lo.static is None or hi.static is None:
                     raise S.Unknown(f"index range {lo}..{hi} on an axis of static size {self.static}")
-                return self.atoms(("points", [S.Lin(i) for i in range(lo.static, hi.static)]))
+                return self.atoms(("points", [S.Poly(i) for i in range(lo.static, hi.static)]))
             b0, b1 = self._boundary(lo), self._boundary(hi)
             return list(range(b0, b1))
         out = []

@@ -159,7 +159,7 @@ def _block_indices(ev: S.Evaluator, idx: gs.Tensor, data: gs.Tensor) -> tuple[in
     except S.Unknown as e:
         return f"the scatter's indices cannot be followed ({e})"
     r = len(dims)
-    if index.rank != r + 1 or index.shape[-1] != S.Lin(r) or tuple(index.shape[:r - 1]) != tuple(dims[:r - 1]):
+    if index.rank != r + 1 or index.shape[-1] != S.Poly(r) or tuple(index.shape[:r - 1]) != tuple(dims[:r - 1]):
         return "the scatter's indices are not one (row..., column) index per element of a column block"
     m, c = index.shape[r - 1].static, dims[-1].static
     if m is None or c is None:
@@ -173,20 +173,20 @@ def _block_indices(ev: S.Evaluator, idx: gs.Tensor, data: gs.Tensor) -> tuple[in
                     return "the scatter's column index varies with the row"
                 got = [comp.at({j: i}).scalar()[0] for i in range(m)]
                 lo = got[0].static
-                if lo is None or got != [S.Lin(lo + i) for i in range(m)] or lo < 0 or lo + m > c:
+                if lo is None or got != [S.Poly(lo + i) for i in range(m)] or lo < 0 or lo + m > c:
                     return f"the scatter writes columns {[str(g) for g in got]}, not one contiguous range"
                 return lo, lo + m
             deps = comp.depends_on()
             if not deps:
-                if axis_len != S.ONE or comp.scalar()[0] != S.Lin(0):
+                if axis_len != S.ONE or comp.scalar()[0] != S.Poly(0):
                     return f"the scatter's index on axis {j} is not the row's own"
             elif deps != {j}:
                 return f"the scatter's index on axis {j} does not follow the row"
             elif axis_len.static is not None:
                 n = axis_len.static
-                if [comp.at({j: i}).scalar()[0] for i in range(n)] != [S.Lin(i) for i in range(n)]:
+                if [comp.at({j: i}).scalar()[0] for i in range(n)] != [S.Poly(i) for i in range(n)]:
                     return f"the scatter's index on axis {j} moves rows"
-            elif comp.scalar() != (S.Lin(0), {j: 1}):
+            elif comp.scalar() != (S.Poly(0), {j: 1}):
                 return f"the scatter's index on axis {j} moves rows"
     except S.Unknown as e:
         return f"the scatter's indices cannot be followed ({e})"

@@ -37,7 +37,8 @@ placement matrix P [C', m] with P[cols[j], j] = 1 (kernels.placement_spec); a 1-
 is a block-diagonal matrix (kernels.pointwise_spec). A Reshape whose input and output share the
 last dim C moves every row of C values unchanged (row-major), so it commutes with a per-row
 linear map. The legacy exporter's run-time (row, col) indices of `z[:, cols] = y` with a symbolic
-batch (a Range over z's own rows beside constant columns) are the same placement.
+batch or token count H·W (a Range over z's own rows beside constant columns, proven with
+onnxrep.symbolic to cover every row once) are the same placement.
 
 Token mixing (TokenWalker): MatMul(W[N', N], x) with the constant on the LEFT mixes axis -2 of
 x [B, N, C]; the same algebra holds on that axis, with constants of shape [N', 1], BatchNorm on
@@ -60,11 +61,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxrep import folding as FO
 from onnxrep import graph as G
 from onnxrep import kernels as K
 from onnxrep import linear as L
 from onnxrep import patterns as P
+from onnxrep import symbolic as S
 from onnxrep.engine import Rewrite, Rule
 
 MATRIX_OPS = ("MatMul", "Gemm", "Einsum")
@@ -88,6 +89,11 @@ class Form:
 
 class NotLinear(Exception):
     pass
+
+
+class NotPlacement(NotLinear):
+    """A zero padding (ScatterND into zeros, its Expand) not provably a placement: an adapter left
+    unmerged, worth a decline line wherever the walk from the sum stopped."""
 
 
 def _last(t: gs.Tensor, depth: int = 0) -> int | None:
@@ -248,6 +254,7 @@ class Walker:
         self.graph = graph
         self.stops: list[str] = []
         self.shape_read: list[gs.Tensor] = []  # walked through, though Shape nodes read them too
+        self.placement_failed = False  # a NotPlacement stopped the walk somewhere
 
     # the axis the walk's matrices act on: its size, and how a decline names it
     axis_size = staticmethod(_last)
@@ -271,6 +278,7 @@ class Walker:
                     return self.form(t, depth + 1)
                 except (NotLinear, K.NotMergeable) as e:
                     self.stops.append(f"'{t.name}': {e}")
+                    self.placement_failed |= isinstance(e, NotPlacement)
             elif _only_shape_readers_besides(self.graph, t, reader):
                 # reshape_as(t) with a dynamic batch: Shape(t) reads t's shape, not its values
                 try:
@@ -445,7 +453,7 @@ class Walker:
             if n.op in CHANNEL_OPS:
                 m = channel_matrix(n, k)
                 if isinstance(m, str):
-                    raise NotLinear(m)
+                    raise (NotPlacement if n.op != "Conv" else NotLinear)(m)
                 if m is not None:
                     if m.cin != spec.cout:
                         raise NotLinear(f"{n.op} reads {m.cin} channels, its input has {spec.cout}")
@@ -461,18 +469,24 @@ class Walker:
         return Form(inner.source, spec, inner.nodes + [inner_t] + list(reversed(chain)) + [outer], inner.tokens)
 
     def _scatter(self, node, depth) -> Form:
-        """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix."""
+        """ScatterND of whole last-axis rows into zeros (`z[..., cols] = y`): a placement matrix;
+        or a whole-range copy (dynamo's `slice_scatter(z, y)` over Range(0, rows of z)): y itself."""
+        copy = whole_copy(node)
+        if copy is True:
+            inner = self.operand(node.inputs[2], node, depth)
+            return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
         m = channel_matrix(node, None)
         if isinstance(m, str) or m is None:
-            raise NotLinear(m or "ScatterND is not a placement")
+            raise NotPlacement(f"{m or 'ScatterND is not a placement'} (as a whole-range copy: {copy})")
         inner = self.operand(node.inputs[2], node, depth)
         if inner.spec.cout != m.cin:
             raise NotLinear(f"ScatterND places {m.cin} columns, its updates have {inner.spec.cout}")
         return Form(inner.source, K.compose(inner.spec, m), inner.nodes + [node], inner.tokens)
 
     def _expand(self, node, depth) -> Form:
-        if channel_matrix(node, None) is not None:
-            raise NotLinear("Expand changes the shape")
+        m = channel_matrix(node, None)
+        if m is not None:
+            raise NotPlacement(m if isinstance(m, str) else "Expand changes the shape")
         inner = self.operand(node.inputs[0], node, depth)
         return Form(inner.source, inner.spec, inner.nodes + [node], inner.tokens)
 
@@ -566,73 +580,72 @@ def _zeros(t: gs.Tensor, depth: int = 0) -> bool:
     return n.op in ("Transpose", "Reshape", "Expand", "Unsqueeze", "CastLike") and _zeros(n.inputs[0], depth + 1)
 
 
-def _ints(t: gs.Tensor) -> list[int] | None:
-    v = G.const(t)
-    return None if v is None or not np.issubdtype(v.dtype, np.integer) else [int(i) for i in v.reshape(-1)]
-
-
-def _unsqueezed_last(t: gs.Tensor) -> gs.Tensor | None:
-    """x when t = Unsqueeze(x, [-1]) (a new last axis), else None."""
-    n = G.producer(t)
-    if n is None or n.op != "Unsqueeze":
-        return None
-    axes = _ints(n.inputs[1]) if len(n.inputs) > 1 else list(n.attrs.get("axes", []))
-    r = G.rank(t)
-    return n.inputs[0] if axes is not None and len(axes) == 1 and r and axes[0] % r == r - 1 else None
-
-
-def _expanded(t: gs.Tensor) -> gs.Tensor | None:
-    n = G.producer(t)
-    return n.inputs[0] if n is not None and n.op == "Expand" else None
-
-
-def _rows_of(t: gs.Tensor, data: gs.Tensor) -> bool:
-    """Whether t = Reshape(Range(0, rows of data, 1), [-1, 1]): each row's own index."""
-    n = G.producer(t)
-    if n is None or n.op != "Reshape" or _ints(n.inputs[1]) != [-1, 1]:
-        return False
-    rng = G.producer(n.inputs[0])
-    if rng is None or rng.op != "Range" or _ints(rng.inputs[0]) != [0] or _ints(rng.inputs[2]) != [1]:
-        return False
-    lim = G.producer(rng.inputs[1])
-    if lim is not None and lim.op == "Cast":
-        lim = G.producer(lim.inputs[0])
-    if lim is None or lim.op != "Gather" or _ints(lim.inputs[1]) != [0] or int(lim.attrs.get("axis", 0)) != 0:
-        return False
-    sh = G.producer(lim.inputs[0])
-    return (sh is not None and sh.op == "Shape" and sh.inputs[0] is data
-            and sh.attrs.get("start") in (None, 0) and "end" not in sh.attrs)
-
-
-def _runtime_columns(node: gs.Node) -> np.ndarray | None:
+def _runtime_columns(node: gs.Node) -> np.ndarray | str:
     """The columns of a ScatterND into a 2-D [R, C'] whose (row, column) indices the legacy exporter
-    computes at run time for `z[:, cols] = y` with a symbolic R:
+    computes at run time for `z[:, cols] = y` with a symbolic R (batch, or a token count H·W):
 
         Concat(Unsqueeze(Expand(Reshape(Range(0, Shape(z)[0], 1), [-1, 1]), ·), -1),
                Unsqueeze(Expand(cols, ·), -1), axis=-1)
 
-    Row r of the indices is (r, cols[j]) for every r < R: the Range covers z's own rows, and the
-    Expands only broadcast (to the updates' [R, m]: ScatterND requires it) once z and the updates
-    provably have the same row count (folding.symbolic_dims). None for anything else."""
-    data, idx = node.inputs[0], node.inputs[1]
-    if G.rank(data) != 2 or G.rank(node.inputs[2]) != 2:
-        return None
-    cat = G.producer(idx)
-    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or int(cat.attrs.get("axis", 0)) % 3 != 2:
-        return None
-    rows, cols = (_unsqueezed_last(t) for t in cat.inputs)
-    rows, cols = (_expanded(t) if t is not None else None for t in (rows, cols))
-    if rows is None or cols is None or not _rows_of(rows, data):
-        return None
-    c = G.const(cols)
-    if c is None or c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
-        return None
-    # The Range covers z's rows; the indices (so the updates) could still have more rows if an
-    # Expand broadcast a single-row Range: require the same row count, proven symbolically.
-    zr, ur = FO.symbolic_dims(data), FO.symbolic_dims(node.inputs[2])
-    if not zr or not ur or zr[0] is None or zr[0] != ur[0]:
-        return None
-    return c.astype(np.int64)
+    proven with onnxrep.symbolic for every value of the symbolic dims: indices[r, j] = (r, cols[j])
+    for every row r < R, the indices and the updates having z's row count R (otherwise an Expand
+    could broadcast a one-row Range and write every update into row 0). The reason otherwise."""
+    data, idx, upd = node.inputs
+    if G.rank(data) != 2 or G.rank(upd) != 2:
+        return "ScatterND with run-time indices into a tensor that is not 2-D"
+    ev = S.Evaluator()
+    try:
+        index, rows, urows = ev.value(idx), ev.shape(data)[0], ev.shape(upd)[0]
+    except S.Unknown as e:
+        return f"ScatterND's run-time indices cannot be followed ({e})"
+    if index.rank != 3 or index.shape[2] != S.Poly(2) or index.shape[1].static is None:
+        return "ScatterND's run-time indices are not one (row, column) pair per update"
+    if index.shape[0] != rows or urows != rows:
+        return (f"ScatterND's indices and updates have {index.shape[0]} and {urows} rows, its data {rows}: "
+                "not provably the same for every value of the symbolic dims")
+    try:
+        row, col = index.component(0), index.component(1)
+        if row.depends_on() != {0} or (rows.static is None and row.scalar() != (S.Poly(0), {0: 1})) or (
+                rows.static is not None
+                and [row.at({0: i}).scalar()[0] for i in range(rows.static)] != [S.Poly(i) for i in range(rows.static)]):
+            return "ScatterND's run-time row index is not each row's own"
+        if col.depends_on() - {1}:
+            return "ScatterND's run-time column index varies with the row"
+        cols = [col.at({1: j}).scalar()[0].static for j in range(index.shape[1].static)]
+    except S.Unknown as e:
+        return f"ScatterND's run-time indices cannot be followed ({e})"
+    if any(c is None for c in cols):
+        return "ScatterND's run-time columns depend on the symbolic dims"
+    return np.asarray(cols, dtype=np.int64)
+
+
+def whole_copy(node: gs.Node) -> bool | str:
+    """Whether ScatterND(data, indices, updates) returns `updates`, for every value of the symbolic
+    dims (onnxrep.symbolic): indices[i_0, ..., i_{k-1}] = (i_0, ..., i_{k-1}) over the whole of the
+    data's first k axes, and updates provably of the data's shape. The reason otherwise."""
+    if G.const(node.inputs[1]) is not None and G.static_shape(node.inputs[0]) is None:
+        return "constant indices into a tensor of symbolic shape"
+    ev = S.Evaluator()
+    try:
+        index, dims, udims = ev.value(node.inputs[1]), ev.shape(node.inputs[0]), ev.shape(node.inputs[2])
+    except S.Unknown as e:
+        return f"ScatterND's indices cannot be followed ({e})"
+    if not S.whole_copy(index, dims):
+        return "ScatterND does not write every element"
+    if tuple(udims) != tuple(dims):
+        return f"ScatterND's updates {[str(d) for d in udims]} are not provably of its data's shape {[str(d) for d in dims]}"
+    return True
+
+
+def _keeps_shape(node: gs.Node) -> bool:
+    """An Expand whose target, computed at run time, provably broadcasts nothing: its input's dims
+    for every value of the symbolic dims (onnxrep.symbolic), so it is the identity."""
+    ev = S.Evaluator()
+    try:
+        dims = ev.shape(node.inputs[0])
+        return S.broadcast_dims([dims, tuple(ev._target(node.inputs[1]))]) == tuple(dims)
+    except S.Unknown:
+        return False
 
 
 def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
@@ -641,8 +654,10 @@ def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
     or the reason it is neither."""
     if node.op == "Expand":
         s_in, shape = G.static_shape(node.inputs[0]), G.const(node.inputs[1])
+        if (s_in is None or shape is None) and _keeps_shape(node):
+            return None
         if s_in is None or shape is None:
-            return "Expand of a tensor whose shape is not static"
+            return "Expand to a shape not provably its input's (it could broadcast)"
         want = [int(v) for v in shape.reshape(-1)]
         if len(want) > len(s_in) or any(w not in (1, d) for w, d in zip(want[::-1], s_in[::-1])):
             return "Expand changes the shape"
@@ -667,17 +682,21 @@ def channel_matrix(node: gs.Node, axis: int | None) -> K.ConvSpec | str | None:
         if (red.decode() if isinstance(red, bytes) else red) != "none":
             return "ScatterND with a reduction"
         data, idx = node.inputs[0], G.const(node.inputs[1])
-        if not _zeros(data) or (idx is None and _runtime_columns(node) is None):
-            return "ScatterND does not write into zeros at constant indices"
+        if not _zeros(data):
+            return "ScatterND does not write into zeros"
         r = G.rank(data)
         if r is None:
             return "ScatterND's data has an unknown rank"
-        if (axis is None or axis % r == r - 1) and idx is None and r == 2:
+        if idx is None and not ((axis is None or axis % r == r - 1) and r == 2):
+            return "ScatterND does not write into zeros at constant indices"
+        if idx is None:
             cols = _runtime_columns(node)
+            if isinstance(cols, str):
+                return cols
             d1 = (data.shape or [None, None])[-1]
             cout = int(d1) if isinstance(d1, (int, np.integer)) and d1 > 0 else None
-            if cols is not None and _last(node.inputs[2]) != len(cols):
-                cols = None
+            if _last(node.inputs[2]) != len(cols):
+                return f"ScatterND places {len(cols)} columns, its updates have {_last(node.inputs[2])}"
         elif axis is None or axis % r == r - 1:
             d_shape, u_shape = G.static_shape(data), G.static_shape(node.inputs[2])
             cols = None if d_shape is None or u_shape is None else K.scatter_columns(idx, u_shape, d_shape)
@@ -721,7 +740,7 @@ def _escapes(graph, nodes, root_out, shape_read=()) -> str | None:
                 continue
             if G.is_graph_output(graph, o):
                 return f"intermediate '{o.name}' is a graph output"
-            if any(id(r) not in inside and not (r.op == "Shape" and id(o) in shaped) for r in o.outputs):
+            if any(id(r) not in inside and not (_meta_reader(r, o) and id(o) in shaped) for r in o.outputs):
                 return f"intermediate '{o.name}' is read outside the region"
     return None
 
@@ -747,7 +766,13 @@ def _feeds_only(graph, node: gs.Node, inside: set, limit: int = 64) -> bool:
 def _only_shape_readers_besides(graph, t: gs.Tensor, reader: gs.Node) -> bool:
     others = [r for r in t.outputs if r is not reader]
     return (not G.is_graph_output(graph, t) and any(r is reader for r in t.outputs) and bool(others)
-            and all(r.op == "Shape" for r in others))
+            and all(_meta_reader(r, t) for r in others))
+
+
+def _meta_reader(r: gs.Node, t: gs.Tensor) -> bool:
+    """A reader of t's shape (Shape) or dtype only (CastLike's target: dynamo-noopt's new_zeros is
+    CastLike(ConstantOfShape(...), y)), none of its values."""
+    return r.op == "Shape" or (r.op == "CastLike" and len(r.inputs) == 2 and r.inputs[1] is t and r.inputs[0] is not t)
 
 
 def _shape_of(root: gs.Node) -> gs.Tensor | None:
@@ -824,7 +849,9 @@ class FoldLinearAffine(Rule):
         try:
             form = walker.form(out)
         except (NotLinear, K.NotMergeable) as e:
-            if _near_miss(node) or "runtimes fuse" in str(e):
+            # a zero padding the walk could not read as a placement (an adapter left unmerged) is
+            # worth a decline line too, wherever the walk from the sum stopped
+            if _near_miss(node) or "runtimes fuse" in str(e) or walker.placement_failed:
                 stops = "; ".join(dict.fromkeys(walker.stops))
                 return Region(node, out, None, f"{e}" + (f" (walk stopped: {stops})" if stops else ""))
             return None
@@ -856,7 +883,9 @@ class FoldLinearAffine(Rule):
             return reason
         region.dead_shape = []
         for t in region.shape_read:
-            if _same_shape_as_out(region, t):
+            if any(r.op == "CastLike" for r in t.outputs) and G.dtype_of(t) != G.dtype_of(form.source):
+                return f"'{t.name}' is the dtype of a CastLike and not of the region's input's type"
+            if not any(r.op == "Shape" for r in t.outputs) or _same_shape_as_out(region, t):
                 continue
             if all(_feeds_only(ctx.graph, r, inside) for r in t.outputs if r.op == "Shape"):
                 region.dead_shape.append(t)  # its shape only sizes the region's own zeros/indices
@@ -888,6 +917,8 @@ class FoldLinearAffine(Rule):
         main = main or G.unique_node_name(ctx.graph, "onnxrep_matmul")
         dead = {id(t) for t in region.dead_shape}
         for t in region.shape_read:
+            for r in [r for r in t.outputs if r.op == "CastLike" and _meta_reader(r, t)]:
+                r.inputs[1] = src  # the same dtype (checked), and upstream of the region: no cycle
             for r in [r for r in t.outputs if r.op == "Shape"]:
                 # same shape (_same_shape_as_out), or a value only the removed region used (it dies
                 # with it; reading the source keeps the graph well formed until cleanup)

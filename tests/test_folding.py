@@ -656,3 +656,25 @@ def test_nonzero_of_a_constant_mask_folds():
     assert ops(folded) == ["ScatterND"]
     feeds = {"x": RNG.standard_normal(6).astype(np.float32), "upd": RNG.standard_normal(3).astype(np.float32)}
     assert_same_in_ort(model, folded, feeds)
+
+
+def test_symbolic_dims_of_a_reshape_of_runtime_zeros():
+    """Reshape(ConstantOfShape([1, Shape(t)[1], 6]), [-1, 6]) → [1, -1, 6] over tokens t [1, H·W, 3]:
+    folding.symbolic_dims takes the dims onnxrep.symbolic derives (H·W), equal to ORT's at two sizes
+    (what lets the attention's head split fold once loralib's zero padding is merged)."""
+    import onnx_graphsurgeon as gs
+    from tests.helpers import GraphBuilder, run_model
+
+    b = GraphBuilder(3)
+    x = b.input([1, 3, "H", "W"], name="x")
+    t = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, 3, -1])])], perm=[0, 2, 1])
+    n = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [t]), b.ints(1)], axis=0), b.ints([0])])
+    z = b.op("Reshape", [b.op("ConstantOfShape", [b.op("Concat", [b.ints([1]), n, b.ints([6])], axis=0)]),
+                         b.ints([-1, 6])])
+    y = b.op("Reshape", [z, b.ints([1, -1, 6])])
+    model = b.build(y)
+    dims = F.symbolic_dims(gs.import_onnx(model).tensors()[y])
+    assert dims == [F.Dim(1), F.Dim(1, ("H", "W")), F.Dim(6)]
+    for hw in ((2, 3), (4, 4)):
+        got = run_model(model, {"x": np.zeros((1, 3, *hw), np.float32)})[y].shape
+        assert got == (1, hw[0] * hw[1], 6)

@@ -39,13 +39,61 @@ def shape_of(b, x, axis):
     return b.op("Gather", [b.op("Shape", [x]), b.ints(np.array(axis))], axis=0)
 
 
-def test_lin_arithmetic_and_proofs():
-    """Lin: affine in symbols ≥ 0; nonneg is proven, not guessed."""
-    n, h = S.Lin.of("N"), S.Lin.of("H")
+def test_poly_arithmetic_and_proofs():
+    """Poly: integer polynomials in symbols ≥ 0; nonneg is proven, not guessed."""
+    n, h, w = S.Poly.of("N"), S.Poly.of("H"), S.Poly.of("W")
     assert (n + 2 - n).static == 2
     assert (h + 2).nonneg() and not (h - 1).nonneg() and not (-h).nonneg()
     assert (h + 2).ge(1) and not n.ge(1)
     assert (n.scale(3) + h).subs({"N": 2, "H": 5}) == 11
+    hw = h * w
+    assert hw == w * h and hw != h + w and str(hw) == "H*W"
+    assert (hw * 3 + h).subs({"H": 4, "W": 5}) == 64
+    assert (hw + 1).ge(1) and hw.nonneg() and not (hw - h).nonneg()  # H·W − H ≥ 0 holds for W ≥ 1 only
+    assert ((n * hw).scale(16)).divide(hw.scale(4)) == n.scale(4)
+    assert hw.divide(h + w) is None and (h * 3).divide(2) is None and h.divide(w) is None
+    assert S.product([n, h, S.Poly(2), w]) == (n * hw).scale(2)
+    assert S.Poly.monomial(("W", "H"), 2) == hw.scale(2)
+
+
+def test_products_of_shape_dims():
+    """Mul of two Shape entries (H·W), a Range over it, shape vectors holding it, ConstantOfShape
+    and Expand to [N, H·W, 3], and a Reshape of a value constant along H, W to [N, H·W]: all equal
+    ONNX Runtime at every size."""
+    b = GraphBuilder(7)
+    x = b.input(["N", 3, "H", "W"])
+    n, h, w = (shape_of(b, x, a) for a in (0, 2, 3))
+    hw = b.mul(h, w)
+    rng = b.op("Range", [b.ints(np.array(0)), hw, b.ints(np.array(1))])
+    rows = b.op("Reshape", [rng, b.ints([-1, 1])])
+    vec = b.op("Concat", [b.op("Unsqueeze", [n, b.ints([0])]), b.op("Unsqueeze", [hw, b.ints([0])]), b.ints([3])], axis=0)
+    zeros = b.op("ConstantOfShape", [vec])
+    grid = b.add(b.op("Expand", [b.ints(np.arange(3).reshape(1, 1, 3)), vec]), rows)
+    cube = b.mul(b.mul(hw, n), b.add(h, b.ints(np.array(2))))  # N·H²·W + 2·N·H·W
+    flat = b.op("Reshape", [b.op("Expand", [b.ints(np.arange(3).reshape(1, 3, 1, 1)), b.op("Shape", [x])]),
+                            b.ints([0, 3, -1])])
+    check_against_ort(b, x, hw, rng, rows, vec, zeros, grid, cube, flat)
+    model = b.build(rng)
+    hw_poly = S.Poly.of("H") * S.Poly.of("W")
+    assert evaluate(model, rng).shape == (hw_poly,)
+    assert evaluate(b.build(flat), flat).shape == (S.Poly.of("N"), S.Poly(3), hw_poly)
+
+
+def test_data_shape_of_tokens():
+    """The tokens of a [N, C, H, W] map, Reshape(x, [0, C, -1]) → Transpose → MatMul, have
+    [N, H·W, C'] rows: derived where onnx names no dim, and equal to ONNX Runtime's at every size."""
+    b = GraphBuilder(8)
+    x = b.input(["N", 3, "H", "W"])
+    tokens = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, 3, -1])])], perm=[0, 2, 1])
+    y = b.matmul(tokens, 3, 5)
+    model = b.build(y)
+    graph = gs.import_onnx(model)
+    got = S.Evaluator().shape(graph.tensors()[y])
+    n, h, w = S.Poly.of("N"), S.Poly.of("H"), S.Poly.of("W")
+    assert got == (n, h * w, S.Poly(5))
+    for env in SIZES:
+        feeds = {x: np.zeros((env["N"], 3, env["H"], env["W"]), np.float32)}
+        assert run_model(model, feeds)[y].shape == tuple(d.subs(env) for d in got)
 
 
 def test_dynamo_row_index():
@@ -59,7 +107,7 @@ def test_dynamo_row_index():
     first = b.op("Unsqueeze", [b.op("Slice", [rng, b.ints([0]), b.ints([1]), b.ints([0]), b.ints([1])]), b.ints([-1])])
     check_against_ort(b, x, last, first, rng)
     model = b.build(last)
-    assert evaluate(model, last).shape == (S.Lin(1), S.Lin(1))
+    assert evaluate(model, last).shape == (S.Poly(1), S.Poly(1))
 
 
 def test_legacy_index_grid():
@@ -115,10 +163,18 @@ def test_refusals():
     x = b.input(["N", 3, "H", "W"])
     n, h = shape_of(b, x, 0), shape_of(b, x, 2)
     rng_n = b.op("Range", [b.ints(np.array(0)), n, b.ints(np.array(1))])
+    nh = b.op("Concat", [b.ints([1]), b.op("Unsqueeze", [n, b.ints([0])]), b.op("Unsqueeze", [h, b.ints([0])])], axis=0)
+    grid_nh = b.op("Expand", [b.op("Reshape", [rng_n, b.ints([1, -1, 1])]), nh])
     cases = {
         # the last sample: a clamp that differs for N = 0
         "slice": b.op("Slice", [rng_n, b.ints([-1]), b.ints([END]), b.ints([0]), b.ints([1])]),
-        "product": b.mul(n, h),  # not affine
+        # a coordinate times a symbol (i·H, row-major flattening): coefficients of coordinates are numbers
+        "coordinate product": b.mul(rng_n, h),
+        "product equal": b.op("Equal", [b.mul(n, h), n]),  # N·H == N for H = 1 only
+        # 3·H·W / 2 rows: not an integer polynomial, so the -1 is not inferred
+        "uneven -1": b.op("Shape", [b.op("Reshape", [x, b.ints([0, 2, -1])])]),
+        # regrouping [1, N, H] → [N·H] of a value that varies along N
+        "varying regroup": b.op("Reshape", [grid_nh, b.ints([-1])]),
         "equal": b.op("Equal", [n, h]),  # true for some sizes, false for others
         "range": b.op("Range", [b.ints(np.array(0)), b.sub(n, h), b.ints(np.array(1))]),  # length may be < 0
         "data": b.op("ReduceMax", [x], keepdims=0),  # a value of the input
@@ -143,9 +199,9 @@ def test_data_shapes_onnx_leaves_unnamed():
     model = b.build(p, s2)
     graph = gs.import_onnx(model)
     ev = S.Evaluator()
-    n, h, w = S.Lin.of("N"), S.Lin.of("H"), S.Lin.of("W")
-    assert ev._data_shape(graph.tensors()[c1]) == (n, S.Lin(5), h, w)
-    assert ev._data_shape(graph.tensors()[p]) == (n, S.Lin(4), h - 4 + 4, w - 4 + 2)
+    n, h, w = S.Poly.of("N"), S.Poly.of("H"), S.Poly.of("W")
+    assert ev._data_shape(graph.tensors()[c1]) == (n, S.Poly(5), h, w)
+    assert ev._data_shape(graph.tensors()[p]) == (n, S.Poly(4), h - 4 + 4, w - 4 + 2)
     assert ev._data_shape(graph.tensors()[s2]) is None
 
 
@@ -158,5 +214,5 @@ def test_data_shapes_through_prelu():
     p = b.pad(b.conv(act, 4, 4, k=1), [0, 0, 1, 1, 0, 0, 1, 1])
     model = b.build(p)
     graph = gs.import_onnx(model)
-    n, h, w = S.Lin.of("N"), S.Lin.of("H"), S.Lin.of("W")
-    assert S.Evaluator()._data_shape(graph.tensors()[p]) == (n, S.Lin(4), h + 2, w + 2)
+    n, h, w = S.Poly.of("N"), S.Poly.of("H"), S.Poly.of("W")
+    assert S.Evaluator()._data_shape(graph.tensors()[p]) == (n, S.Poly(4), h + 2, w + 2)

@@ -32,24 +32,12 @@ DYNAMO_DYNAMIC_FAST = {"repvgg", "split_concat"}
 
 #: cells that do not reach the deploy form, and why; each still optimizes (or is refused) correctly,
 #: and a cell that starts reaching it fails, so this list only shrinks
-KNOWN_GAPS = {}
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 #: cells whose export runs only at the traced size although its H/W are symbolic: the legacy
 #: exporter bakes the traced 16x16 into the slice assignment's Expand. onnxrep refuses them unpinned
 #: (exit 3, with the hint to pin) and reaches the deploy form with the traced size pinned, as a user
 #: is told to; test_size_baked_exports_only_run_at_the_traced_size shows ORT itself fails elsewhere.
 PIN_TRACED_SIZE = {(name, form, "hw") for name in ("dbb_slice", "ecb") for form in FORMS if form.startswith("legacy")}
-_MERGED_LORA_DYNAMIC = ("with symbolic dims dynamo-noopt writes the zero padding as a ScatterND whose updates are "
-                        "Expanded to a run-time shape, then copied by a whole-range slice_scatter over a Range of "
-                        "the rows: fold_linear_affine does not read that as a placement; --input-shape merges it")
-KNOWN_GAPS.update({("lora_merged", "dynamo-noopt", axes): _MERGED_LORA_DYNAMIC for axes in ("batch", "hw")})
-KNOWN_GAPS.update({("lora_merged", form, "hw"): "with a symbolic token count the zero padding's run-time indices "
-                   "cover the rows of a ConstantOfShape whose row count folding.symbolic_dims cannot prove equal "
-                   "to the updates' (an Expand could broadcast a one-row Range): the adapter stays unmerged"
-                   for form in FORMS if form.startswith("legacy")})
-KNOWN_GAPS.update({("lora_inplace", form, "hw"): "with symbolic H/W the token count is height*width: the in-place "
-                   "+='s run-time ScatterND indices are sized by it, which onnxrep.symbolic cannot express (a "
-                   "product of symbols), so fold_branch_into_slice cannot prove they cover every row: the "
-                   "adapters stay unmerged" for form in FORMS if form.startswith("legacy")})
 
 
 def _cells():

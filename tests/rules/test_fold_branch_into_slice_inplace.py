@@ -164,9 +164,10 @@ def torch_mod():
 
 
 @pytest.mark.parametrize("form", ["legacy", "legacy-nofold", "legacy18", "dynamo", "dynamo-noopt"])
-@pytest.mark.parametrize("axes", ["static", "batch"])
+@pytest.mark.parametrize("axes", ["static", "batch", "hw"])
 def test_torch_inplace_lora_exports_merge(torch_mod, tmp_path, form, axes):
-    """LoRAInplaceAttention exported in each form: 4 MatMul (as without adapters), no ScatterND, equal."""
+    """LoRAInplaceAttention exported in each form: 4 MatMul (as without adapters), no ScatterND, equal
+    (with symbolic H, W at a map size other than the traced 4x4)."""
     from models.export import export_onnx
     from models.transformers import LoRAInplaceAttention
     torch_mod.manual_seed(0)
@@ -175,7 +176,7 @@ def test_torch_inplace_lora_exports_merge(torch_mod, tmp_path, form, axes):
     out, report = run_rules(m)
     assert ops(out)["MatMul"] == 4 and "ScatterND" not in ops(out)
     assert report.rule_counts.get(RULE, 0) >= 4
-    x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, 4, 4))
+    x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, *((3, 5) if axes == "hw" else (4, 4))))
     feeds = {"input": x.astype(np.float32)}
     assert_equivalent(m, out, feeds=feeds)
     with torch_mod.no_grad():
@@ -235,7 +236,7 @@ def test_torch_cat_lora_exports_merge(torch_mod, tmp_path, form, axes):
     m = onnx.load(str(export_onnx(model, (1, 16, 4, 4), tmp_path / "m.onnx", form, axes=axes)))
     out, _ = run_rules(m)
     assert ops(out)["MatMul"] == 4 and "Concat" not in ops(out)
-    x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, 4, 4))
+    x = np.random.default_rng(0).standard_normal((2 if axes == "batch" else 1, 16, *((3, 5) if axes == "hw" else (4, 4))))
     feeds = {"input": x.astype(np.float32)}
     assert_equivalent(m, out, feeds=feeds)
 
@@ -249,3 +250,46 @@ def test_cat_of_the_input_itself_with_zeros_merges():
     out, report = run_rules(m, "fold_linear_affine")
     assert ops(out) == {"Relu": 2, "MatMul": 1, "Add": 1} and report.rule_counts == {"fold_linear_affine": 1}
     assert_equivalent(m, out)
+
+
+# -- tokens of a map with symbolic H, W: the legacy exporter sizes the indices by H·W -----------------
+def hw_inplace_model(rows="own", seed=4):
+    """x [1, C, H, W] → tokens [1, H·W, C] → qkv; r[..., 0:C] += lora(tokens) written as the legacy
+    exporter does with symbolic H, W: ScatterND indices (0, row, column) computed at run time from
+    Range(0, Shape(r)[1]) (the token count H·W). rows="zero": every index row is 0 (a Mul by 0)."""
+    b = GraphBuilder(seed)
+    x = b.input([1, C, "H", "W"], name="x")
+    tokens = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, C, -1])])], perm=[0, 2, 1])
+    r = b.add(b.op("MatMul", [tokens, b.randn((C, 3 * C))]), b.randn((3 * C,)))
+    s = b.op("Slice", [r, b.ints([0]), b.ints([C]), b.ints([-1]), b.ints([1])])
+    a = b.add(s, lora(b, tokens, C, C))
+    n_tok = b.op("Gather", [b.op("Shape", [r]), b.ints(np.array(1))], axis=0)
+    rng = b.op("Range", [b.ints(np.array(0)), n_tok, b.ints(np.array(1))])
+    if rows == "zero":
+        rng = b.mul(rng, b.ints(np.array(0)))
+    row = b.op("Reshape", [rng, b.ints([1, -1, 1])])
+    batch, col = b.ints(np.zeros((1, 1, 1), np.int64)), b.ints(np.arange(C).reshape(1, 1, C))
+    grid = b.op("Shape", [b.add(b.add(batch, row), col)])
+    idx = b.op("Concat", [b.op("Unsqueeze", [b.op("Expand", [t, grid]), b.ints([-1])]) for t in (batch, row, col)],
+               axis=-1)
+    r = b.op("ScatterND", [r, idx, a])
+    return b.build(*[b.relu(p) for p in b.op("Split", [r, b.ints([C, C, C])], n_out=3, axis=-1)])
+
+
+def test_indices_sized_by_the_token_count_merge():
+    """Run-time indices over H·W rows cover every row for every H, W: the adapter merges, no
+    ScatterND left, outputs equal at two map sizes."""
+    m = hw_inplace_model()
+    out, report = run_rules(m)
+    assert ops(out).get("MatMul") == 1 and "ScatterND" not in ops(out)
+    assert report.rule_counts.get(RULE) == 2
+    for hw in ((4, 4), (3, 5)):
+        feeds = {"x": np.random.default_rng(1).standard_normal((1, C, *hw)).astype(np.float32)}
+        assert_equivalent(m, out, feeds=feeds)
+    assert_idempotent(out)
+
+
+def test_indices_over_the_token_count_that_repeat_a_row_decline():
+    """Every index row 0 (Range(0, H·W)·0): only part of the rows is written; the graph is untouched."""
+    m = hw_inplace_model(rows="zero")
+    declined_by(RULE, m, "index on axis 1")

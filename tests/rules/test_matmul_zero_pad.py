@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import GraphBuilder, assert_equivalent, assert_idempotent, declined_by, ops, run_rules
+from tests.helpers import (GraphBuilder, assert_declined, assert_equivalent, assert_idempotent, declined_by, ops,
+                           run_rules)
 
 RULE = "fold_linear_affine"
 B, N, C, R = 2, 5, 4, 2  # batch, tokens, channels per q/k/v group, rank
@@ -250,6 +251,125 @@ def test_runtime_indices_with_other_rows_than_the_updates_decline():
     m = b.build(b.relu(b.add(qkv, placed)))
     out, _ = run_rules(m)
     assert ops(out).get("ScatterND") == 1
+    declined_by(RULE, m, "run-time indices", "not the same for every value of the symbols")
     feeds = {m.graph.input[0].name: np.random.default_rng(0).standard_normal((4, C)).astype(np.float32),
              m.graph.input[1].name: np.zeros((1, 3 * C), dtype=np.float32)}
     assert_equivalent(m, out, feeds=feeds)
+
+
+def hw_runtime_index_lora(rows_of="zeros", seed=7):
+    """The legacy exporter's form on the tokens of a map with symbolic H, W: x [1, C, H, W] →
+    Reshape [0, C, -1] → Transpose gives [1, H·W, C]; the zeros are ConstantOfShape([1, Shape(y)[1],
+    3C]) viewed as [H·W, 3C], and the row index a Range over their rows (rows_of="height": over
+    Shape(x)[2], H rows, which an Expand could broadcast when H = 1)."""
+    b = GraphBuilder(seed)
+    x = b.input([1, C, "H", "W"], name="x")
+    tokens = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, C, -1])])], perm=[0, 2, 1])
+    qkv = b.add(b.matmul(tokens, C, 3 * C), b.randn((3 * C,)))
+    t = b.op("Transpose", [b.matmul(tokens, C, 2 * R)], perm=[0, 2, 1])
+    y = b.op("Transpose", [b.conv(t, 2 * R, 2 * C, k=(1,), pad=(0,), group=2, bias=False)], perm=[0, 2, 1])
+    u = b.op("Reshape", [y, b.ints([-1, 2 * C])])
+    n_tok = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [y]), b.ints(1)], axis=0), b.ints([0])])
+    z = b.op("Reshape", [b.op("ConstantOfShape", [b.op("Concat", [b.ints([1]), n_tok, b.ints([3 * C])], axis=0)]),
+                         b.ints([-1, 3 * C])])
+    limit = b.op("Gather", [b.op("Shape", [z if rows_of == "zeros" else x]), b.ints(0 if rows_of == "zeros" else 2)],
+                 axis=0)
+    rows = b.op("Reshape", [b.op("Range", [b.ints(0), limit, b.ints(1)]), b.ints([-1, 1])])
+    target = b.op("Shape", [u])
+    i0 = b.op("Unsqueeze", [b.op("Expand", [rows, target]), b.ints([-1])])
+    i1 = b.op("Unsqueeze", [b.op("Expand", [b.ints(COLS), target]), b.ints([-1])])
+    placed = b.op("ScatterND", [z, b.op("Concat", [i0, i1], axis=-1), u])
+    padded = b.op("Reshape", [placed, b.op("Shape", [qkv])])
+    return b.build(b.relu(b.add(qkv, b.mul(padded, b.const(np.float32(2.0))))))
+
+
+def test_runtime_indices_over_a_token_count_merge():
+    """Rows H·W (a product of symbols): the Range covers the zeros' rows, which are the updates',
+    for every H, W: one MatMul, outputs equal at two map sizes."""
+    m = hw_runtime_index_lora()
+    out, report = run_rules(m)
+    h = ops(out)
+    assert h.get("MatMul") == 1 and "ScatterND" not in h and "Conv" not in h and "Range" not in h
+    assert report.rule_counts.get(RULE) == 1
+    for hw in ((4, 4), (2, 7)):
+        feeds = {"x": np.random.default_rng(hw[1]).standard_normal((1, C, *hw)).astype(np.float32)}
+        assert_equivalent(m, out, feeds=feeds)
+    assert_idempotent(out)
+
+
+def test_runtime_indices_over_another_row_count_decline():
+    """A Range over H rows where the zeros have H·W: the Expand to the updates' [H·W, 2C] broadcasts
+    it only for H = 1 (else the model fails): not the same for every value, declined with the reason."""
+    m = hw_runtime_index_lora(rows_of="height")
+    out, report = run_rules(m, RULE)
+    assert ops(out).get("ScatterND") == 1 and ops(out).get("MatMul") == 2  # A∘conv1d alone may merge
+    assert_declined(report, RULE, "run-time indices", "not the same for every value of the symbols")
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, C, 1, 5)).astype(np.float32)}  # H = 1: valid
+    assert_equivalent(m, out, feeds=feeds)
+
+
+def noopt_lora(expand_rows="zeros", copy_rows="zeros", seed=8):
+    """dynamo-noopt's zero padding with a symbolic batch: zeros = CastLike(ConstantOfShape([batch,
+    N, 3C]), y) viewed twice as [batch·N, 3C]; index_put along the transposed first view with its
+    updates Expanded to [2C, Shape(view)[0]]; then slice_scatter of that into the second view over
+    Unsqueeze(Range(0, Shape(view)[0])), a whole-range copy. expand_rows / copy_rows="other": the
+    Expand's rows, or the copy's Range, come from another input's rows instead."""
+    b = GraphBuilder(seed)
+    x = b.relu(b.input(["batch", N, C], name="x"))
+    other = b.input(["other", 3 * C], name="other")
+    qkv = b.add(b.matmul(x, C, 3 * C), b.randn((3 * C,)))
+    t = b.op("Transpose", [b.matmul(x, C, 2 * R)], perm=[0, 2, 1])
+    y = b.op("Transpose", [b.conv(t, 2 * R, 2 * C, k=(1,), pad=(0,), group=2, bias=False)], perm=[0, 2, 1])
+    u = b.op("Transpose", [b.op("Reshape", [y, b.ints([-1, 2 * C])])], perm=[1, 0])
+    dims = b.op("Concat", [b.op("Shape", [x], start=0, end=1), b.ints([N]), b.ints([3 * C])], axis=0)
+    zeros = b.op("CastLike", [b.op("ConstantOfShape", [dims]), y])
+    view1, view2 = (b.op("Reshape", [zeros, b.ints([-1, 3 * C])]) for _ in range(2))
+    rows_of = {"zeros": view1, "other": other}
+    target = b.op("Concat", [b.ints([2 * C]), b.op("Shape", [rows_of[expand_rows]], start=0, end=1)], axis=0)
+    placed = b.op("ScatterND", [b.op("Transpose", [view1], perm=[1, 0]), b.ints(np.asarray(COLS).reshape(-1, 1)),
+                                b.op("Expand", [u, target])])
+    index_put = b.op("Transpose", [placed], perm=[1, 0])
+    limit = b.op("Gather", [b.op("Shape", [{"zeros": view2, "other": other}[copy_rows]]), b.ints(0)], axis=0)
+    rng = b.op("Unsqueeze", [b.op("Range", [b.ints(0), limit, b.ints(1)]), b.ints([-1])])
+    copied = b.op("ScatterND", [view2, rng, index_put])
+    padded = b.op("Reshape", [copied, b.ints([-1, N, 3 * C])])
+    return b.build(b.relu(b.add(qkv, b.mul(padded, b.const(np.float32(2.0))))))
+
+
+def noopt_feeds(batch, other=None):
+    rng = np.random.default_rng(batch)
+    return {"x": rng.standard_normal((batch, N, C)).astype(np.float32),
+            "other": np.zeros((batch * N if other is None else other, 3 * C), np.float32)}
+
+
+def test_noopt_expanded_updates_and_whole_range_copy_merge():
+    """The Expand provably keeps the updates' shape and the slice_scatter writes every row (so it
+    returns its updates): the same placement, one MatMul, outputs equal at two batch sizes."""
+    m = noopt_lora()
+    out, report = run_rules(m)
+    h = ops(out)
+    assert h.get("MatMul") == 1 and "ScatterND" not in h and "Conv" not in h and "Expand" not in h
+    assert report.rule_counts.get(RULE) == 1
+    for batch in (1, 3):
+        assert_equivalent(m, out, feeds=noopt_feeds(batch))
+    assert_idempotent(out)
+
+
+def test_noopt_expand_that_could_broadcast_declines():
+    """The Expand's rows come from another input: with one row of updates it would broadcast them to
+    every row (valid ONNX, not a placement). Declined with the reason; outputs equal."""
+    m = noopt_lora(expand_rows="other")
+    out, report = run_rules(m, RULE)
+    assert ops(out).get("ScatterND") == 2 and ops(out).get("Expand") == 1
+    assert_declined(report, RULE, "Expand", "could broadcast")
+    assert_equivalent(m, out, feeds=noopt_feeds(2))
+
+
+def test_noopt_copy_over_another_range_declines():
+    """The slice_scatter's Range runs over another input's rows: not provably every row of the data
+    (with fewer rows it writes part of it). Declined with the reason; outputs equal."""
+    m = noopt_lora(copy_rows="other")
+    out, report = run_rules(m, RULE)
+    assert ops(out).get("ScatterND") == 2
+    assert_declined(report, RULE, "ScatterND")
+    assert_equivalent(m, out, feeds=noopt_feeds(2, other=2 * N))
