@@ -31,6 +31,7 @@ Folding is a rewrite like any other: it can be wrong and it can explode. So:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from dataclasses import dataclass, field
@@ -872,12 +873,15 @@ def fold_constants(graph: gs.Graph, options: FoldOptions | None = None) -> None:
             G.tidy(graph)  # subgraphs _fold_subgraphs may have folded; the main graph is tidy already
         return
     try:
-        # the copy it makes is garbage when it returns; no object of it is worth a full collection
         with G.cycle_collection_paused():
             graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
                                  size_threshold=options.fold_limit, should_exclude_node=guard)
     except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
         log.debug("constant folding stopped: %s", e)
+    finally:
+        # its copy of the whole graph is garbage in reference cycles now, and the pipeline runs
+        # with the collector paused (graph.cycle_collection_paused): free it before the next copy
+        gc.collect()
     G.tidy(graph)
 
 

@@ -90,7 +90,10 @@ def all_constants(graph: gs.Graph) -> list[gs.Constant]:
                     elif isinstance(x, gs.Graph):
                         visit(x)
 
-    visit(graph)
+    try:
+        visit(graph)
+    finally:
+        del visit  # a recursive closure is a reference cycle, and `seen` would stay alive with it
     return list(seen.values())
 
 

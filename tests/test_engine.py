@@ -231,8 +231,8 @@ def test_engine_work_per_rewrite_does_not_grow_with_the_graph(monkeypatch):
         calls["tensors"] += 1
         return tensors(self, *a, **k)
 
-    def tidy_and_count(graph):
-        tidy(graph)
+    def tidy_and_count(graph, *a):
+        tidy(graph, *a)
         graph.nodes = _CountingList(graph.nodes)
 
     monkeypatch.setattr(gs.Graph, "tensors", count_tensors)
@@ -471,9 +471,9 @@ def test_a_sweep_that_rewrites_nothing_takes_no_weight_net(monkeypatch):
     assert r.late == 0
 
 
-def test_full_collections_are_deferred_and_thresholds_restored(tmp_path, monkeypatch):
-    """optimize and optimize_file run without automatic full cycle collections (young ones run)
-    and leave gc's thresholds as they found them, also when they fail."""
+def test_pipeline_pauses_the_collector_and_restores_it(tmp_path, monkeypatch):
+    """optimize and optimize_file run with automatic cycle collection off (the rules run under it)
+    and leave it as they found it, also when they fail."""
     import gc
 
     from onnxrep import optimizer as O
@@ -481,22 +481,132 @@ def test_full_collections_are_deferred_and_thresholds_restored(tmp_path, monkeyp
 
     seen = []
     run = E.run
-    monkeypatch.setattr(E, "run", lambda *a, **k: seen.append(gc.get_threshold()) or run(*a, **k))
-    thresholds = gc.get_threshold()
+    monkeypatch.setattr(E, "run", lambda *a, **k: seen.append(gc.isenabled()) or run(*a, **k))
+    assert gc.isenabled()
     model = _chain(2)
     onnxrep.optimize(model, verify=False)
     path = tmp_path / "in.onnx"
     onnx.save(model, str(path))
     onnxrep.optimize_file(path, tmp_path / "out.onnx", verify=False)
-    assert [t[:2] for t in seen] == [thresholds[:2]] * 2 and all(t[2] >= G._NO_FULL for t in seen)
-    assert gc.get_threshold() == thresholds
+    assert seen == [False, False] and gc.isenabled()
     path.write_bytes(b"not a model")
     with pytest.raises(InputError):
         onnxrep.optimize_file(path, tmp_path / "out2.onnx")
-    assert gc.get_threshold() == thresholds
-    with G.full_collections_deferred():
-        with G.full_collections_deferred():
-            assert gc.get_threshold()[2] >= G._NO_FULL
-        assert gc.get_threshold()[2] >= G._NO_FULL
-    assert gc.get_threshold() == thresholds
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        onnxrep.optimize(model, verify=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
     assert O.optimize_file.__doc__.startswith("Optimize the model file")
+
+
+def _weak(objs):
+    import weakref
+
+    return [weakref.ref(x) for x in objs]
+
+
+def test_removed_nodes_and_tensors_are_freed_without_a_collection():
+    """With the cycle collector off, the nodes and tensors the rules remove (and the weights they
+    replace) are freed by refcounting as the engine goes: tidy breaks their reference cycles."""
+    import gc
+
+    g = _graph(_chain(3))
+    before = {id(n): n for n in g.nodes}
+    before.update((id(t), t) for t in g.tensors().values())
+    refs = _weak(before.values())
+    gc.collect()
+    gc.disable()
+    try:
+        del before
+        E.run(g, E.select_rules(), E.Context(g))
+        live = {id(n) for n in g.nodes} | {id(t) for t in g.tensors().values()}
+        alive = [r() for r in refs if r() is not None]
+        assert len(alive) < len(refs) // 2  # 3 blocks: 33 nodes → 6, most tensors gone
+        assert all(id(x) in live for x in alive), [getattr(x, "name", x) for x in alive if id(x) not in live]
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_node_someone_still_holds_is_left_intact():
+    """release_dropped frees only what nothing else references: a node a caller (or a rule's
+    cache) still holds keeps its lists working, and one nobody holds is released."""
+    kept = gs.Node("Relu", "kept")
+    a, b = gs.Variable("a"), gs.Variable("b")
+    dropped = {id(kept): kept, id(a): a}
+    a_ref = _weak([a])[0]
+    del a
+    assert G.release_dropped(dropped) == 1 and dropped == {}
+    assert a_ref() is None  # nobody held it: freed at once, no collector involved
+    kept.inputs.append(b)  # still synchronized
+    assert b.outputs == [kept]
+
+
+def test_optimize_leaves_nothing_for_the_cycle_collector(tmp_path):
+    """After optimize_file (and optimize) the graph, everything the rules dropped and the fusion
+    index are freed by refcounting: a collection afterwards finds no graphsurgeon object (so
+    running the pipeline with the collector off holds no memory back)."""
+    import gc
+
+    model = _chain(3)
+    path = tmp_path / "in.onnx"
+    onnx.save(model, str(path))
+    for go in (lambda: onnxrep.optimize_file(path, tmp_path / "out.onnx", verify=False),
+               lambda: onnxrep.optimize(model, verify=False),
+               lambda: onnxrep.optimize_file(path, tmp_path / "out.onnx")):
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            go()
+            gc.collect()
+            left = [x for x in gc.garbage if isinstance(x, (gs.Node, gs.Tensor, gs.Graph))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == []
+
+
+def test_disposed_graph_is_freed_at_once():
+    """graph.dispose breaks every cycle of a graph its user is done with: with the collector off,
+    dropping the last reference frees every node and tensor."""
+    import gc
+
+    g = _graph(_chain(2))
+    refs = _weak(list(g.nodes) + list(g.tensors().values()))
+    gc.collect()
+    gc.disable()
+    try:
+        G.dispose(g)
+        assert g.nodes == [] and g.inputs == [] and g.outputs == []
+        del g
+        assert [r for r in refs if r() is not None] == []
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("rules", ["all", "none"])
+def test_rewritten_graph_is_already_tidy(rules):
+    """rewrite_graph does not tidy after the engine: the engine tidies after every rule sweep that
+    changed the graph and prepare's folding ends with a tidy, so one more would change nothing
+    (a dead branch and a shuffled node order in the input included)."""
+    import random
+
+    from onnxrep import optimizer as O
+
+    model = _chain(2)
+    model.graph.node.append(onnx.helper.make_node("Relu", [model.graph.input[0].name], ["dead_out"], name="dead"))
+    nodes = list(model.graph.node)
+    random.Random(0).shuffle(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    chosen = E.select_rules() if rules == "all" else []
+    r = O.rewrite_graph(model, chosen, E.Options())
+    order = list(r.graph.nodes)
+    assert "dead" not in {n.name for n in order}
+    assert ops(O.Rewritten.model(r)).get("BatchNormalization", 0) == (0 if rules == "all" else 8)
+    G.tidy(r.graph)
+    assert r.graph.nodes == order
