@@ -251,6 +251,17 @@ def run_checker(light: onnx.ModelProto, full_check: bool = True) -> None:
         onnx.checker.check_model(path, full_check=full_check)
 
 
+def check_and_infer(light: onnx.ModelProto) -> onnx.ModelProto:
+    """run_checker(light, full_check=True), returning the shape inference it runs. onnx's full
+    check is check_model followed by shape inference with type checks in strict mode, without
+    data propagation (ShapeInferenceOptions{check_type=true, error_mode=1, data_prop=false} in
+    onnx/checker.cc, both for a path and for a proto); here it is done in those two steps, with
+    the same errors (ValidationError, InferenceError), so the inferred model is there for the
+    statistics (stats.macs(known=...)) instead of inferring a second time."""
+    run_checker(light, full_check=False)
+    return onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+
+
 def check_not_input(input_files: list[Path], output_path: str | os.PathLike, *others) -> None:
     """Refuse an output whose model file, external data file (OUTPUT.data) or other file the
     caller will write (`others`, e.g. a report) is one of the input's files (see open_model's

@@ -20,7 +20,7 @@ from . import engine as E
 from . import graph as G
 from . import folding as F, shapes as S, stats, validate, verify as V
 from .errors import InputError, OnnxrepError, UsageError
-from .io import check_model, check_not_input, check_output_path, open_model, run_checker, stage_model
+from .io import check_and_infer, check_model, check_not_input, check_output_path, open_model, stage_model
 from .lean import LeanModel, point_stub, without_payload
 
 log = logging.getLogger("onnxrep")
@@ -322,8 +322,8 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     if ref is not None:
         ref.weights = None  # the rules own them now
     ctx = rewritten.ctx
-    try:
-        run_checker(rewritten.skeleton, full_check=True)
+    try:  # the full check; its shape inference also gives the report's MACs (stats.macs(known=))
+        inferred = check_and_infer(rewritten.skeleton)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise OnnxrepError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
@@ -333,7 +333,7 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         verification = V.check(ref, rewritten, vopts, _rebuild(lean, rewritten), list(ctx.counts))
         # both ORT runs, and reading the input's weights for the first (which the rules then reuse)
         verification["seconds"] = round(verify_seconds + time.perf_counter() - t, 3)
-    return rewritten, _report(path, before, rewritten, verification, time.perf_counter() - t0)
+    return rewritten, _report(path, before, rewritten, verification, time.perf_counter() - t0, inferred)
 
 
 def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
@@ -355,12 +355,13 @@ def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
     return path, lean, file_bytes
 
 
-def _report(path, before: dict, rewritten: Rewritten, verification: dict | None, seconds: float) -> Report:
+def _report(path, before: dict, rewritten: Rewritten, verification: dict | None, seconds: float,
+            inferred: onnx.ModelProto | None = None) -> Report:
     ctx = rewritten.ctx
     return Report(
         input=path,
         before=before,
-        after=stats.summarize(rewritten.skeleton),
+        after=stats.summarize(rewritten.skeleton, known=inferred),
         rule_counts=dict(ctx.counts),
         rewrites=[{"rule": r.rule, "replaced": r.replaced, "created": r.created, "detail": r.detail} for r in ctx.rewrites],
         declines=[{"rule": k[0], "node": k[1], "reason": k[2]} for k in ctx.declines],

@@ -1,6 +1,7 @@
 """The rewrite engine: fixed point, iteration cap, no-op detection, provenance, rule selection."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
@@ -610,3 +611,65 @@ def test_rewritten_graph_is_already_tidy(rules):
     assert ops(O.Rewritten.model(r)).get("BatchNormalization", 0) == (0 if rules == "all" else 8)
     G.tidy(r.graph)
     assert r.graph.nodes == order
+
+
+def _broken_models():
+    """(what is wrong, model): each fails onnx's full check, at a different step of it."""
+    from onnx import TensorProto, helper
+
+    def model(nodes, inits=(), out_type=TensorProto.FLOAT):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", out_type, None)], list(inits))
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    w3 = onnx.numpy_helper.from_array(np.ones((2, 2, 3), np.float32), "w")
+    i64 = onnx.numpy_helper.from_array(np.ones((1,), np.int64), "c")
+    return [
+        ("unknown op (checker)", model([helper.make_node("NoSuchOp", ["x"], ["y"])])),
+        ("not topologically sorted (checker)", model([helper.make_node("Relu", ["t"], ["y"]),
+                                                       helper.make_node("Relu", ["x"], ["t"])])),
+        ("conv weight rank (strict inference)", model([helper.make_node("Conv", ["x", "w"], ["y"])], [w3])),
+        ("float + int64 (type check)", model([helper.make_node("Add", ["x", "c"], ["y"])], [i64])),
+        ("output declared int64 (type check)", model([helper.make_node("Relu", ["x"], ["y"])], (), TensorProto.INT64)),
+    ]
+
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_check_and_infer_is_the_full_check(case):
+    """io.check_and_infer (checker, then strict shape inference with type checks) fails exactly
+    where onnx's full check does, with the same error type and message; on a valid model it
+    passes and returns the inferred model."""
+    from onnxrep import io
+
+    what, model = _broken_models()[case]
+    with pytest.raises(Exception) as full:
+        io.run_checker(model, full_check=True)
+    with pytest.raises(Exception) as ours:
+        io.check_and_infer(model)
+    assert type(ours.value) is type(full.value), what
+    assert str(ours.value).splitlines()[0] == str(full.value).splitlines()[0], what
+
+    good = _chain(1)
+    io.run_checker(good, full_check=True)
+    inferred = io.check_and_infer(good)
+    assert len(inferred.graph.value_info) > 0
+
+
+def test_output_is_checked_and_shape_inferred_once(monkeypatch):
+    """The output goes through one shape inference, the full check's, whose shapes the report's
+    MACs reuse (equal to stats.macs' own count); the checker itself runs without its own."""
+    from onnxrep import io, stats
+
+    calls, checks = [], []
+    infer, check = onnx.shape_inference.infer_shapes, onnx.checker.check_model
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes",
+                        lambda m, *a, **k: calls.append((len(m.graph.node), a, k)) or infer(m, *a, **k))
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checks.append((a, k)) or check(m, *a, **k))
+    model = _chain(2)
+    out, report = onnxrep.optimize(model, verify=False, return_report=True)
+    n_out = report.after["nodes"]
+    assert [c for c in calls if c[0] == n_out] == [(n_out, (), {"check_type": True, "strict_mode": True})]
+    assert checks[-1] == ((), {"full_check": False})
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", infer)
+    assert report.after["macs"] == stats.macs(out) > 0
