@@ -943,9 +943,9 @@ def fold(graph: gs.Graph, work: onnx.ModelProto, infer, options: FoldOptions | N
     targets, ... into constants; inferring shapes again gives the tensors behind them static
     shapes, which lets the next round fold the Shape ops that read them."""
     for _ in range(MAX_ROUNDS):
-        before = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values()))
+        before = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in G.tensor_map(graph).values()))
         fold_constants(graph, options)
-        after = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values()))
+        after = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in G.tensor_map(graph).values()))
         if after == before:
             break
         skeleton = G.export_skeleton(graph, work).proto

@@ -21,7 +21,7 @@ from .errors import InputError
 from .lean import PAYLOAD_MIN, LeanModel  # noqa: F401  (PAYLOAD_MIN: graph.PAYLOAD_MIN is used)
 # the pipeline's weight steps, re-exported so `graph.X` keeps working for existing callers
 from .weights import (DiskValues, all_constants, attach_payloads, fill_payloads, lazy, load_values,  # noqa: F401
-                      preload, read_folded_weights, release_loaded)
+                      preload, read_folded_weights, release_loaded, tensor_map)
 
 log = logging.getLogger("onnxrep")
 
@@ -181,7 +181,7 @@ def update_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
 
     g = inferred.graph
     infos = {vi.name: vi for vi in list(g.value_info) + list(g.output) + list(g.input)}
-    for t in graph.tensors().values():
+    for t in tensor_map(graph).values():
         vi = infos.get(t.name)
         if isinstance(t, gs.Variable) and vi is not None and vi.type.HasField("tensor_type"):
             if vi.type.tensor_type.elem_type:
@@ -344,7 +344,7 @@ def _unique(graph: gs.Graph, hint: str) -> str:
     steps, not half a million."""
     names = vars(graph).get("_onnxrep_names")  # gs.Graph.__getattr__ would look up a graph function
     if names is None:
-        names = graph._onnxrep_names = _Names(set(graph.tensors().keys()) | {n.name for n in graph.nodes})
+        names = graph._onnxrep_names = _Names(set(tensor_map(graph)) | {n.name for n in graph.nodes})
     return names.take(hint)
 
 

@@ -673,3 +673,22 @@ def test_output_is_checked_and_shape_inferred_once(monkeypatch):
     assert checks[-1] == ((), {"full_check": False})
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", infer)
     assert report.after["macs"] == stats.macs(out) > 0
+
+
+def test_tensor_map_is_graphsurgeons_tensors():
+    """weights.tensor_map gives graph.tensors()'s dict: same names in the same order, the same
+    tensor objects; with an optional (empty-named) input, a graph input read by nobody, a graph
+    output that is also read, and two distinct tensors of one name (the later one wins)."""
+    from onnxrep import weights as W
+
+    g = _graph(_chain(2))
+    assert list(W.tensor_map(g).items()) == list(g.tensors().items())
+    conv = next(n for n in g.nodes if n.op == "Conv")
+    conv.inputs.append(gs.Variable(""))  # an omitted optional input
+    g.inputs.append(gs.Variable("unread", dtype=np.float32, shape=[1]))
+    twin = gs.Variable(g.nodes[0].outputs[0].name)
+    g.nodes.append(gs.Node("Relu", "twin_reader", inputs=[g.outputs[0]], outputs=[twin]))
+    g.outputs.append(g.nodes[2].outputs[0])
+    mine, theirs = W.tensor_map(g), g.tensors()
+    assert list(mine) == list(theirs) and all(mine[k] is theirs[k] for k in theirs)
+    assert mine[twin.name] is twin and "" not in mine
