@@ -389,25 +389,34 @@ def _tidy(graph: gs.Graph, dropped: dict[int, object]) -> None:
     for t in graph.inputs:  # as graphsurgeon's cleanup: a graph input has no producer
         t.inputs.clear()
     members = {id(n) for n in graph.nodes}
-    used: set[int] = set()
-    seen: set[int] = set()
-    frontier = list(graph.outputs)
-    while frontier:
-        t = frontier.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
+    # the nodes some graph output depends on, each with its producers (by input, once each):
+    # what the sort needs too, so the producer links are followed once per tidy
+    producers: dict[int, list[gs.Node]] = {}
+    frontier = []
+    for t in graph.outputs:
         for p in t.inputs:
             if id(p) not in members:
                 return _gs_tidy(graph, dropped)
-            if id(p) not in used:
-                used.add(id(p))
-                frontier.extend(p.inputs)
+            frontier.append(p)
+    while frontier:
+        n = frontier.pop()
+        if id(n) in producers:
+            continue
+        ps = []
+        for t in n.inputs:
+            for p in t.inputs:
+                if id(p) not in members:
+                    return _gs_tidy(graph, dropped)
+                ps.append(p)
+        if len(ps) > 1:
+            ps = list({id(p): p for p in ps}.values())
+        producers[id(n)] = ps
+        frontier.extend(ps)
     for n in graph.nodes:
-        if id(n) not in used:
+        if id(n) not in producers:
             _drop(n, dropped)
-    nodes = [n for n in graph.nodes if id(n) in used]
-    order = _topological(nodes)
+    nodes = [n for n in graph.nodes if id(n) in producers]
+    order = _topological(nodes, producers)
     if order is None:
         graph.nodes = nodes
         return _gs_tidy(graph, dropped)
@@ -435,26 +444,17 @@ def _gs_tidy(graph: gs.Graph, dropped: dict[int, object]) -> None:
             dropped[id(n)] = n
 
 
-def _topological(nodes: list[gs.Node]) -> list[gs.Node] | None:
+def _topological(nodes: list[gs.Node], producers: dict[int, list[gs.Node]]) -> list[gs.Node] | None:
     """`nodes` by level (a node's level is one more than its producers' highest), ties in the order
     of a depth-first walk that visits each node's producers (by input) before the node: the order
-    graphsurgeon's toposort gives. None on a cycle."""
-    members = {id(n) for n in nodes}
-
-    def producers(n):
-        ps: dict[int, gs.Node] = {}
-        for t in n.inputs:
-            for p in t.inputs:
-                if id(p) in members:
-                    ps.setdefault(id(p), p)
-        return list(ps.values())
-
+    graphsurgeon's toposort gives. `producers`: each node's producers (all among `nodes`), by
+    input, once each. None on a cycle."""
     level: dict[int, int] = {}
     walked: list[gs.Node] = []
     for root in nodes:
         if id(root) in level:
             continue
-        stack = [(root, producers(root), 0)]
+        stack = [(root, producers[id(root)], 0)]
         open_ = {id(root)}
         while stack:
             node, ps, i = stack[-1]
@@ -466,7 +466,7 @@ def _topological(nodes: list[gs.Node]) -> list[gs.Node] | None:
                     return None
                 stack[-1] = (node, ps, i + 1)
                 open_.add(id(p))
-                stack.append((p, producers(p), 0))
+                stack.append((p, producers[id(p)], 0))
                 continue
             stack.pop()
             open_.discard(id(node))
