@@ -97,7 +97,11 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     kept = [] if folding.freeze_inputs else F.take_overridable(work)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
-    work = infer_shapes(work)
+    checked = getattr(model, "checked_inference", None)
+    if checked is not None and not kept and not input_shapes and _flat(work):
+        work = _shapes_from(work, checked)
+    else:
+        work = infer_shapes(work)
     if inferred is not None:
         inferred(work, not kept and not input_shapes)
     graph = G.import_graph(work)
@@ -107,6 +111,27 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     validate.check_graph(graph)
     del work.graph.value_info[:]
     return work, graph
+
+
+def _flat(model: onnx.ModelProto) -> bool:
+    """No local functions and no subgraph (shape inference writes value_info into those too)."""
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return not model.functions and not any(a.type in kinds for n in model.graph.node for a in n.attribute)
+
+
+def _shapes_from(work: onnx.ModelProto, checked: onnx.ModelProto) -> onnx.ModelProto:
+    """`work` as infer_shapes(work) makes it, from the input check's inference (io.check_model) of
+    the same model (`work` is it as given: nothing pinned, nothing taken out, payloads stubbed
+    alike; strict inference that passed is what the lenient one infers). For a flat model,
+    inference changes only the graph's value_info (kept ones refined, new ones appended) and its
+    outputs' types: those are taken from `checked`."""
+    if len(checked.graph.output) != len(work.graph.output) or len(checked.graph.node) != len(work.graph.node):
+        return infer_shapes(work)
+    del work.graph.value_info[:]
+    work.graph.value_info.extend(checked.graph.value_info)
+    for mine, theirs in zip(work.graph.output, checked.graph.output):
+        mine.CopyFrom(theirs)
+    return work
 
 
 def keep_known_dims(model: onnx.ModelProto) -> None:
@@ -346,8 +371,9 @@ def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
     elif isinstance(model, LeanModel):
         lean = model  # open_model checked it
     elif isinstance(model, onnx.ModelProto):
-        check_model(model)
+        checked = check_model(model)
         lean = LeanModel.wrap(model)
+        lean.checked_inference = checked
     else:
         raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
     if not any(True for _ in lean.proto.graph.node):

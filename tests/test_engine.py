@@ -692,3 +692,72 @@ def test_tensor_map_is_graphsurgeons_tensors():
     mine, theirs = W.tensor_map(g), g.tensors()
     assert list(mine) == list(theirs) and all(mine[k] is theirs[k] for k in theirs)
     assert mine[twin.name] is twin and "" not in mine
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_input_check_fails_as_the_full_check_does(case):
+    """io.check_model (checker, then strict inference with data propagation, falling back to the
+    full check's own inference for the verdict) reports each broken model with the InputError
+    the full check gives."""
+    from onnxrep import io
+    from onnxrep.errors import InputError
+
+    what, model = _broken_models()[case]
+    try:
+        io.run_checker(io._strip_weights(model), full_check=True)
+    except onnx.shape_inference.InferenceError as e:
+        expected = f"model fails ONNX shape inference: model: {io._inference_reason(e)}"
+    except (onnx.checker.ValidationError, ValueError) as e:
+        expected = f"model fails onnx.checker: model: {io._checker_reason(e, model)}"
+    with pytest.raises(InputError) as got:
+        io.check_model(model)
+    assert str(got.value) == expected, what
+
+
+def _shape_arithmetic_model(batch):
+    """x[batch,4,6,6] → Reshape(x, [Shape(x)[0], -1]) → Relu: data propagation makes the output's
+    second dim (144) known; with a value_info the input already declared."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus_one"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])], inits,
+                          value_info=[helper.make_tensor_value_info("s", TensorProto.INT64, [4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("make, pinned", [(lambda: _chain(2), 3), (lambda: _shape_arithmetic_model(1), 2),
+                                          (lambda: _shape_arithmetic_model("N"), 2)],
+                         ids=["chain", "static", "symbolic"])
+def test_prepare_reuses_the_input_checks_inference(make, pinned, monkeypatch):
+    """prepare takes the input check's shape inference for the model as given: the same model as
+    its own inference would make, byte for byte (data propagation and symbolic dims included);
+    the input is then inferred once. With a pinned input shape prepare infers its own (and the
+    input's MACs, where there are Convs, one more)."""
+    from onnxrep import io, lean as L
+    from onnxrep import optimizer as O
+
+    model = make()
+    checked = io.check_model(model)
+    assert checked is not None
+    work = L.without_payload(model, min_bytes=G.PAYLOAD_MIN)
+    own = O.infer_shapes(onnx.ModelProto.FromString(work.SerializeToString()))
+    assert O._shapes_from(work, checked).SerializeToString() == own.SerializeToString()
+
+    calls = []
+    infer = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes",
+                        lambda m, *a, **k: calls.append(len(m.graph.node)) or infer(m, *a, **k))
+    onnxrep.optimize(model, verify=False)
+    assert calls.count(len(model.graph.node)) == 1
+    calls.clear()
+    onnxrep.optimize(model, verify=False, input_shapes={model.graph.input[0].name: [1, *
+                     [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]]})
+    assert calls.count(len(model.graph.node)) == pinned
