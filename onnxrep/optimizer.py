@@ -100,6 +100,7 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     checked = getattr(model, "checked_inference", None)
     if checked is not None and not kept and not input_shapes and _flat(work):
         work = _shapes_from(work, checked)
+        model.checked_inference = checked = None  # once: a whole payload-free copy of the model
     else:
         work = infer_shapes(work)
     if inferred is not None:
