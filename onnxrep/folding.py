@@ -31,6 +31,7 @@ Folding is a rewrite like any other: it can be wrong and it can explode. So:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from dataclasses import dataclass, field
@@ -899,12 +900,15 @@ def fold_constants(graph: gs.Graph, options: FoldOptions | None = None) -> None:
             G.tidy(graph)  # subgraphs _fold_subgraphs may have folded; the main graph is tidy already
         return
     try:
-        # the copy it makes is garbage when it returns; no object of it is worth a full collection
         with G.cycle_collection_paused():
             graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, error_ok=True,
                                  size_threshold=options.fold_limit, should_exclude_node=guard)
     except Exception as e:  # folding is an optimization; a graph it cannot fold stays as it is
         log.debug("constant folding stopped: %s", e)
+    finally:
+        # its copy of the whole graph is garbage in reference cycles now, and the pipeline runs
+        # with the collector paused (graph.cycle_collection_paused): free it before the next copy
+        gc.collect()
     G.tidy(graph)
 
 
@@ -966,9 +970,9 @@ def fold(graph: gs.Graph, work: onnx.ModelProto, infer, options: FoldOptions | N
     targets, ... into constants; inferring shapes again gives the tensors behind them static
     shapes, which lets the next round fold the Shape ops that read them."""
     for _ in range(MAX_ROUNDS):
-        before = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values()))
+        before = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in G.tensor_map(graph).values()))
         fold_constants(graph, options)
-        after = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in graph.tensors().values()))
+        after = (len(graph.nodes), sum(isinstance(t, gs.Constant) for t in G.tensor_map(graph).values()))
         if after == before:
             break
         skeleton = G.export_skeleton(graph, work).proto

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from .errors import InputError
 from .lean import PAYLOAD_MIN, LeanModel  # noqa: F401  (PAYLOAD_MIN: graph.PAYLOAD_MIN is used)
 # the pipeline's weight steps, re-exported so `graph.X` keeps working for existing callers
 from .weights import (DiskValues, all_constants, attach_payloads, fill_payloads, lazy, load_values,  # noqa: F401
-                      preload, read_folded_weights, release_loaded)
+                      preload, read_folded_weights, release_loaded, tensor_map)
 
 log = logging.getLogger("onnxrep")
 
@@ -30,18 +31,18 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 @contextlib.contextmanager
 def cycle_collection_paused():
-    """Python's automatic cycle collection off for the block (as it was after it), for the passes
-    that allocate per node. Left on, a full collection walks every object of the graph, and these
-    passes allocate enough to trigger several, each dearer per node the larger the graph (the
-    walk leaves the CPU caches). Measured on 50k nodes (same at 5k):
-      import_graph, export_graph  their new objects all stay alive, so pausing costs no memory:
-                                  import 2.4 s instead of 3.3 s, export 2.4 s instead of 2.7 s
-      engine.run                  10.4 s and 17.2 s with it, 7.8 s and 14.0 s without (two
-                                  interleaved rounds), 4 % more peak RSS: what a rewrite leaves
-                                  in cycles is graphsurgeon's small node and tensor objects, the
-                                  weights it drops are freed explicitly (weights.Releaser)
-    Pausing it over the whole pipeline, constant folding's graph copies included, raised peak RSS
-    by a third (796 → 1070 MB) for a gain lost in the noise, so it is not done."""
+    """Python's automatic cycle collection off for the block (as it was after it). optimize and
+    optimize_file run whole under it, and graph import, export and engine.run (callable on their
+    own) too. A collection walks every object alive, the whole graph: at 50k nodes each full one
+    costs about a CPU second and the young ones that promote the graph another, and the pipeline
+    allocates enough to trigger several (docs/engine.md), at 5k nodes hardly any. Nothing the
+    pipeline drops needs the collector: graphsurgeon's nodes and tensors sit in reference cycles
+    (their input and output lists point back at them), which `tidy` breaks for the nodes and
+    tensors a rewrite or the tidy dropped (`release_dropped`) and `dispose` for the whole graph
+    once the pipeline is done with it, so refcounting frees them; the one pass that makes cyclic
+    garbage in bulk, graphsurgeon's constant folding (it copies the graph), is followed by a
+    collection (folding.fold_constants). Pausing it during the old policy's pipeline, when the
+    cycles were left to the collector, raised peak RSS by a third (796 → 1070 MB at 50k nodes)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -51,33 +52,74 @@ def cycle_collection_paused():
             gc.enable()
 
 
-#: gc threshold of the oldest generation while full collections are deferred (never reached: it
-#: counts collections of the middle generation, one per ~7000 net allocations by default)
-_NO_FULL = 1 << 30
+def _untie(x) -> None:
+    """Break the reference cycles of a node or tensor: empty its input and output lists without
+    graphsurgeon's synchronization (the other side is dead or already detached) and take their
+    back-reference (parent_obj): refcounting then frees it. A dead list's mutators raise
+    AttributeError, so a use after this fails loudly instead of corrupting a live graph."""
+    d = vars(x)
+    for field in ("inputs", "outputs"):
+        lst = d.get(field)
+        if isinstance(lst, list):
+            list.clear(lst)
+            vars(lst).clear()
 
 
-@contextlib.contextmanager
-def full_collections_deferred():
-    """No automatic full cycle collection in the block (young ones run as usual; the thresholds
-    are as they were after it). A full collection walks every object alive, the whole graph: at
-    50k nodes each costs about a CPU second, and the pipeline's allocations trigger two to four of
-    them (after import, after the engine, during the save), at 5k nodes hardly one. What they find
-    is the engine's removed nodes and tensors (small objects in cycles; the weights they held are
-    freed explicitly, weights.Releaser). So the block ends with the one full collection that was
-    deferred, if one came due (none when the graph was dropped by an explicit collection already,
-    optimizer.Rewritten.release): use it around a whole pipeline, whose graph is garbage by then,
-    so that collection also frees it (otherwise left to some later one). Young collections still
-    free the short-lived cycles (constant folding's graph copy, made while cycle_collection_paused).
-    Measured on 50k nodes: docs/engine.md."""
-    thresholds = gc.get_threshold()
-    outermost = thresholds[2] < _NO_FULL
-    gc.set_threshold(thresholds[0], thresholds[1], max(thresholds[2], _NO_FULL))
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        if outermost and gc.isenabled() and gc.get_count()[2] > thresholds[2]:
-            gc.collect()
+def _alone_refcount() -> int:
+    """sys.getrefcount of a node or tensor referenced only by its own input/output lists, as seen
+    by release_dropped's loop (a dict value, the loop variable, getrefcount's argument)."""
+    counts = []
+    for probe in ({0: gs.Variable("probe")}, {0: gs.Node("Identity")}):
+        for x in probe.values():
+            counts.append(sys.getrefcount(x))
+    return min(counts)
+
+
+_ALONE = _alone_refcount()
+
+
+def release_dropped(dropped: dict[int, object]) -> int:
+    """Break the cycles of the nodes and tensors in `dropped` (id → object: what a rewrite or tidy
+    detached) that nothing references but their own lists: so refcounting frees them, where
+    graphsurgeon's cycles would otherwise wait for the cycle collector. One still referenced
+    anywhere (a live node reads it, a graph input or output, a rule's cache, a caller's variable)
+    is left alone: the refcount says so, whoever holds it. Empties `dropped`; returns how many
+    were released."""
+    released = 0
+    for x in dropped.values():
+        if sys.getrefcount(x) <= _ALONE and not x.inputs and not x.outputs:
+            _untie(x)
+            released += 1
+    dropped.clear()
+    return released
+
+
+def dispose(graph: gs.Graph) -> None:
+    """Break every reference cycle of `graph` (its nodes and tensors, and its subgraphs'), which
+    the caller is done with: refcounting then frees it, without a cycle collection walking it (a
+    CPU second at 50k nodes). The graph is left empty; its nodes and tensors must not be used."""
+    seen: dict[int, object] = {}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for t in list(g.inputs) + list(g.outputs):
+            seen[id(t)] = t
+        for n in g.nodes:
+            seen[id(n)] = n
+            for t in n.inputs:
+                seen[id(t)] = t
+            for t in n.outputs:
+                seen[id(t)] = t
+            for v in n.attrs.values():
+                for x in v if isinstance(v, (list, tuple)) else (v,):
+                    if isinstance(x, gs.Graph):
+                        stack.append(x)
+        g.nodes = []
+        g.inputs = []
+        g.outputs = []
+    for x in seen.values():
+        if isinstance(x, (gs.Node, gs.Tensor)):
+            _untie(x)
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -139,7 +181,7 @@ def update_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
 
     g = inferred.graph
     infos = {vi.name: vi for vi in list(g.value_info) + list(g.output) + list(g.input)}
-    for t in graph.tensors().values():
+    for t in tensor_map(graph).values():
         vi = infos.get(t.name)
         if isinstance(t, gs.Variable) and vi is not None and vi.type.HasField("tensor_type"):
             if vi.type.tensor_type.elem_type:
@@ -302,7 +344,7 @@ def _unique(graph: gs.Graph, hint: str) -> str:
     steps, not half a million."""
     names = vars(graph).get("_onnxrep_names")  # gs.Graph.__getattr__ would look up a graph function
     if names is None:
-        names = graph._onnxrep_names = _Names(set(graph.tensors().keys()) | {n.name for n in graph.nodes})
+        names = graph._onnxrep_names = _Names(set(tensor_map(graph)) | {n.name for n in graph.nodes})
     return names.take(hint)
 
 
@@ -326,69 +368,93 @@ def unique_node_name(graph: gs.Graph, hint: str) -> str:
     return _unique(graph, hint)
 
 
-def tidy(graph: gs.Graph) -> None:
+def tidy(graph: gs.Graph, dropped: dict[int, object] | None = None) -> None:
     """Drop the nodes no graph output depends on, and sort the rest topologically: what
     graphsurgeon's cleanup(remove_unused_graph_inputs=False) + toposort() do, with the same
     resulting order, in two linear passes. graphsurgeon's own took 60–75 µs per node for the pair
     (name maps rebuilt, a recursive walk, per-node subgraph scans; these: ~13 µs), which the
     engine pays after every rule that fired. Graphs with subgraphs or local functions, or in a state graphsurgeon
-    would reject (a cycle, a producer outside the graph), go to graphsurgeon itself."""
+    would reject (a cycle, a producer outside the graph), go to graphsurgeon itself.
+    The nodes it drops, their tensors, and the nodes and tensors in `dropped` (id → object: what
+    the engine's rewrites detached) are then released (release_dropped) where nothing else
+    references them."""
+    dropped = {} if dropped is None else dropped
+    _tidy(graph, dropped)
+    release_dropped(dropped)
+
+
+def _tidy(graph: gs.Graph, dropped: dict[int, object]) -> None:
     if graph.functions or any(isinstance(v, gs.Graph) for n in graph.nodes for v in n.attrs.values()):
-        return _gs_tidy(graph)
+        return _gs_tidy(graph, dropped)
     for t in graph.inputs:  # as graphsurgeon's cleanup: a graph input has no producer
         t.inputs.clear()
     members = {id(n) for n in graph.nodes}
-    used: set[int] = set()
-    seen: set[int] = set()
-    frontier = list(graph.outputs)
-    while frontier:
-        t = frontier.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
+    # the nodes some graph output depends on, each with its producers (by input, once each):
+    # what the sort needs too, so the producer links are followed once per tidy
+    producers: dict[int, list[gs.Node]] = {}
+    frontier = []
+    for t in graph.outputs:
         for p in t.inputs:
             if id(p) not in members:
-                return _gs_tidy(graph)
-            if id(p) not in used:
-                used.add(id(p))
-                frontier.extend(p.inputs)
+                return _gs_tidy(graph, dropped)
+            frontier.append(p)
+    while frontier:
+        n = frontier.pop()
+        if id(n) in producers:
+            continue
+        ps = []
+        for t in n.inputs:
+            for p in t.inputs:
+                if id(p) not in members:
+                    return _gs_tidy(graph, dropped)
+                ps.append(p)
+        if len(ps) > 1:
+            ps = list({id(p): p for p in ps}.values())
+        producers[id(n)] = ps
+        frontier.extend(ps)
     for n in graph.nodes:
-        if id(n) not in used:
-            n.inputs.clear()
-            n.outputs.clear()
-    nodes = [n for n in graph.nodes if id(n) in used]
-    order = _topological(nodes)
+        if id(n) not in producers:
+            _drop(n, dropped)
+    nodes = [n for n in graph.nodes if id(n) in producers]
+    order = _topological(nodes, producers)
     if order is None:
         graph.nodes = nodes
-        return _gs_tidy(graph)
+        return _gs_tidy(graph, dropped)
     graph.nodes = order
 
 
-def _gs_tidy(graph: gs.Graph) -> None:
+def _drop(n: gs.Node, dropped: dict[int, object]) -> None:
+    """Detach `n` (synchronized: its tensors forget it), remembering it and its tensors in `dropped`."""
+    dropped[id(n)] = n
+    for t in n.inputs:
+        dropped[id(t)] = t
+    for t in n.outputs:
+        dropped[id(t)] = t
+    n.inputs.clear()
+    n.outputs.clear()
+
+
+def _gs_tidy(graph: gs.Graph, dropped: dict[int, object]) -> None:
+    before = list(graph.nodes)
     graph.cleanup(remove_unused_graph_inputs=False)
     graph.toposort()
+    kept = {id(n) for n in graph.nodes}
+    for n in before:
+        if id(n) not in kept:
+            dropped[id(n)] = n
 
 
-def _topological(nodes: list[gs.Node]) -> list[gs.Node] | None:
+def _topological(nodes: list[gs.Node], producers: dict[int, list[gs.Node]]) -> list[gs.Node] | None:
     """`nodes` by level (a node's level is one more than its producers' highest), ties in the order
     of a depth-first walk that visits each node's producers (by input) before the node: the order
-    graphsurgeon's toposort gives. None on a cycle."""
-    members = {id(n) for n in nodes}
-
-    def producers(n):
-        ps: dict[int, gs.Node] = {}
-        for t in n.inputs:
-            for p in t.inputs:
-                if id(p) in members:
-                    ps.setdefault(id(p), p)
-        return list(ps.values())
-
+    graphsurgeon's toposort gives. `producers`: each node's producers (all among `nodes`), by
+    input, once each. None on a cycle."""
     level: dict[int, int] = {}
     walked: list[gs.Node] = []
     for root in nodes:
         if id(root) in level:
             continue
-        stack = [(root, producers(root), 0)]
+        stack = [(root, producers[id(root)], 0)]
         open_ = {id(root)}
         while stack:
             node, ps, i = stack[-1]
@@ -400,7 +466,7 @@ def _topological(nodes: list[gs.Node]) -> list[gs.Node] | None:
                     return None
                 stack[-1] = (node, ps, i + 1)
                 open_.add(id(p))
-                stack.append((p, producers(p), 0))
+                stack.append((p, producers[id(p)], 0))
                 continue
             stack.pop()
             open_.discard(id(node))

@@ -7,7 +7,6 @@ Errors are raised as onnxrep.errors types; the CLI maps them to exit codes.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from . import engine as E
 from . import graph as G
 from . import folding as F, shapes as S, stats, validate, verify as V
 from .errors import InputError, OnnxrepError, UsageError
-from .io import check_model, check_not_input, check_output_path, open_model, run_checker, stage_model
+from .io import check_and_infer, check_model, check_not_input, check_output_path, open_model, stage_model
 from .lean import LeanModel, point_stub, without_payload
 
 log = logging.getLogger("onnxrep")
@@ -98,7 +97,12 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     kept = [] if folding.freeze_inputs else F.take_overridable(work)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
-    work = infer_shapes(work)
+    checked = getattr(model, "checked_inference", None)
+    if checked is not None and not kept and not input_shapes and _flat(work):
+        work = _shapes_from(work, checked)
+        model.checked_inference = checked = None  # once: a whole payload-free copy of the model
+    else:
+        work = infer_shapes(work)
     if inferred is not None:
         inferred(work, not kept and not input_shapes)
     graph = G.import_graph(work)
@@ -108,6 +112,27 @@ def prepare(model: "onnx.ModelProto | LeanModel", input_shapes: dict | None = No
     validate.check_graph(graph)
     del work.graph.value_info[:]
     return work, graph
+
+
+def _flat(model: onnx.ModelProto) -> bool:
+    """No local functions and no subgraph (shape inference writes value_info into those too)."""
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return not model.functions and not any(a.type in kinds for n in model.graph.node for a in n.attribute)
+
+
+def _shapes_from(work: onnx.ModelProto, checked: onnx.ModelProto) -> onnx.ModelProto:
+    """`work` as infer_shapes(work) makes it, from the input check's inference (io.check_model) of
+    the same model (`work` is it as given: nothing pinned, nothing taken out, payloads stubbed
+    alike; strict inference that passed is what the lenient one infers). For a flat model,
+    inference changes only the graph's value_info (kept ones refined, new ones appended) and its
+    outputs' types: those are taken from `checked`."""
+    if len(checked.graph.output) != len(work.graph.output) or len(checked.graph.node) != len(work.graph.node):
+        return infer_shapes(work)
+    del work.graph.value_info[:]
+    work.graph.value_info.extend(checked.graph.value_info)
+    for mine, theirs in zip(work.graph.output, checked.graph.output):
+        mine.CopyFrom(theirs)
+    return work
 
 
 def keep_known_dims(model: onnx.ModelProto) -> None:
@@ -141,10 +166,13 @@ class Rewritten(LeanModel):
         super().__init__(lean.proto, lean.payloads)
 
     def release(self) -> None:
-        """Drop the graph and the rules' arrays (once the model is written, the file holds them)."""
+        """Drop the graph and the rules' arrays (once the model is written, the file holds them).
+        The graph's reference cycles are broken (graph.dispose), so it is freed now, without a
+        cycle collection."""
+        if self.graph is not None:
+            G.dispose(self.graph)
         self.graph = self.ctx.graph = None
         self.payloads = [None] * len(self.payloads)
-        gc.collect()  # graphsurgeon's tensors and nodes sit in reference cycles
 
     @property
     def skeleton(self) -> onnx.ModelProto:
@@ -176,8 +204,8 @@ def rewrite_graph(model: "onnx.ModelProto | LeanModel", rules: list[E.Rule], opt
         G.preload(graph, loaded)
     ctx = E.Context(graph, options)
     ctx.notes.extend(F.fold_log(graph).notes((folding or F.FoldOptions()).fold_limit))
-    E.run(graph, rules, ctx)
-    G.tidy(graph)
+    E.run(graph, rules, ctx)  # leaves the graph tidy: prepare's folding ends with graph.tidy, and
+    # the engine tidies after every rule sweep that changed it (one more tidy: 0.2 s at 25k nodes)
     G.release_loaded(graph)  # weights the rules read but kept: back to the input's tensors
     return Rewritten(graph, template, ctx, rules)
 
@@ -196,13 +224,13 @@ def optimize(model, *, rules: list[str] | None = None, skip: list[str] | None = 
     Returns the optimized ModelProto (every weight in memory); to write a file without that,
     use optimize_file. rtol/atol/seed: None takes VerifyOptions' default; verify_options: all of
     the verification's settings at once (rtol/atol/seed, when given, override its fields)."""
-    with G.full_collections_deferred():  # one full cycle collection, at the end (graph.py)
+    with G.cycle_collection_paused():  # nothing it drops needs the collector (graph.py)
         rewritten, report = reparameterize(model, rules=rules, skip=skip, enable=enable, input_shapes=input_shapes,
                                            verify=verify, rtol=rtol, atol=atol, aggressive=aggressive, seed=seed,
                                            verify_options=verify_options, freeze_inputs=freeze_inputs,
                                            fold_limit=fold_limit)
         out = rewritten.model()
-        del rewritten  # garbage for that collection
+        rewritten.release()
     return (out, report) if return_report else out
 
 
@@ -221,7 +249,7 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_da
     also_writes: other paths the caller will write (a report), checked like `dst` and refused if
     they would overwrite it. `options` are optimize()'s. Returns the report; report.written lists
     the files."""
-    with G.full_collections_deferred():  # one full cycle collection, at the end (graph.py)
+    with G.cycle_collection_paused():  # nothing it drops needs the collector (graph.py)
         return _optimize_file(src, dst, external_data=external_data, also_writes=also_writes, **options)
 
 
@@ -255,6 +283,7 @@ def _optimize_file(src: str | os.PathLike, dst: str | os.PathLike, *, external_d
             report.verification = V.check(ref, staged.path, vopts, _rebuild(lean, rewritten), list(rewritten.ctx.counts))
             report.verification["seconds"] = round(time.perf_counter() - v0, 3)
         written = staged.commit()  # commit
+    rewritten.release()
     report.seconds += time.perf_counter() - t
     report.after["file_bytes"] = sum(p.stat().st_size for p in written)
     report.written = [str(p) for p in written]
@@ -269,9 +298,14 @@ def _verify_options(given: "V.VerifyOptions | None", rtol, atol, seed) -> V.Veri
 def _rebuild(lean: LeanModel, rewritten: Rewritten):
     """For the culprit search: the input rewritten without one rule (None: without any rule, which
     leaves what prepare() made of it: constant folding)."""
+    last: list[Rewritten] = []
+
     def rebuild(without: str | None) -> Rewritten:
+        while last:  # the culprit search checks one at a time: the one before is done with
+            last.pop().release()
         rules = [r for r in rewritten.rules if without is not None and r.name != without]
-        return rewrite_graph(lean, rules, rewritten.ctx.options)
+        last.append(rewrite_graph(lean, rules, rewritten.ctx.options))
+        return last[-1]
     return rebuild
 
 
@@ -314,8 +348,8 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
     if ref is not None:
         ref.weights = None  # the rules own them now
     ctx = rewritten.ctx
-    try:
-        run_checker(rewritten.skeleton, full_check=True)
+    try:  # the full check; its shape inference also gives the report's MACs (stats.macs(known=))
+        inferred = check_and_infer(rewritten.skeleton)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise OnnxrepError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
@@ -325,7 +359,7 @@ def reparameterize(model, *, rules: list[str] | None = None, skip: list[str] | N
         verification = V.check(ref, rewritten, vopts, _rebuild(lean, rewritten), list(ctx.counts))
         # both ORT runs, and reading the input's weights for the first (which the rules then reuse)
         verification["seconds"] = round(verify_seconds + time.perf_counter() - t, 3)
-    return rewritten, _report(path, before, rewritten, verification, time.perf_counter() - t0)
+    return rewritten, _report(path, before, rewritten, verification, time.perf_counter() - t0, inferred)
 
 
 def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
@@ -338,8 +372,9 @@ def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
     elif isinstance(model, LeanModel):
         lean = model  # open_model checked it
     elif isinstance(model, onnx.ModelProto):
-        check_model(model)
+        checked = check_model(model)
         lean = LeanModel.wrap(model)
+        lean.checked_inference = checked
     else:
         raise InputError(f"expected a path or onnx.ModelProto, got {type(model).__name__}")
     if not any(True for _ in lean.proto.graph.node):
@@ -347,12 +382,13 @@ def _open_input(model) -> tuple[str | None, LeanModel, int | None]:
     return path, lean, file_bytes
 
 
-def _report(path, before: dict, rewritten: Rewritten, verification: dict | None, seconds: float) -> Report:
+def _report(path, before: dict, rewritten: Rewritten, verification: dict | None, seconds: float,
+            inferred: onnx.ModelProto | None = None) -> Report:
     ctx = rewritten.ctx
     return Report(
         input=path,
         before=before,
-        after=stats.summarize(rewritten.skeleton),
+        after=stats.summarize(rewritten.skeleton, known=inferred),
         rule_counts=dict(ctx.counts),
         rewrites=[{"rule": r.rule, "replaced": r.replaced, "created": r.created, "detail": r.detail} for r in ctx.rewrites],
         declines=[{"rule": k[0], "node": k[1], "reason": k[2]} for k in ctx.declines],

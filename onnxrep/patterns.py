@@ -262,8 +262,11 @@ def _region(x, end, core, outputs, taken, under_x) -> list | None:
         order.append(n)
         return True
 
-    if not visit(end) or not reads_x or id(core) not in nodes or len(nodes) < 2:
-        return None
+    try:
+        if not visit(end) or not reads_x or id(core) not in nodes or len(nodes) < 2:
+            return None
+    finally:
+        del visit  # a recursive closure is a reference cycle (it holds the graph's nodes): refcounting frees it now
     for n in order:
         for o in n.outputs:
             if o is end.outputs[0]:

@@ -74,15 +74,26 @@ def _shapes(model: onnx.ModelProto, wanted: set[str] | None = None, inferred: bo
     return shapes
 
 
-def macs(model: onnx.ModelProto, inferred: bool = False) -> int | None:
+def macs(model: onnx.ModelProto, inferred: bool = False, known: onnx.ModelProto | None = None) -> int | None:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one inference at the
     model's static shapes (a symbolic batch dim counts as 1); None when other dims are symbolic.
     inferred: `model` is already shape-inferred (payload-free, with batch_is_static), so its
-    value_info is read as it is instead of inferring again."""
+    value_info is read as it is instead of inferring again. known: a shape inference of `model`
+    run anyway (the checker's, io.check_and_infer, without data propagation): where the batch is
+    static and it gives every counted tensor a static shape, those are the shapes this count's
+    own inference would find (data propagation only makes unknown dims known), so they are used;
+    else the count infers as usual."""
     counted = [n for n in model.graph.node if n.op_type in _COUNTED]
     if not counted:
         return 0
-    shapes = _shapes(model, {name for n in counted for name in (*n.input[:2], *n.output[:1])}, inferred)
+    wanted = {name for n in counted for name in (*n.input[:2], *n.output[:1])}
+    shapes = None
+    if known is not None and batch_is_static(model):
+        shapes = _shapes(known, wanted, inferred=True)
+        if not wanted <= shapes.keys():
+            shapes = None
+    if shapes is None:
+        shapes = _shapes(model, wanted, inferred)
     total = 0
     for n in counted:
         ins = [shapes.get(i) for i in n.input[:2]]
@@ -104,14 +115,15 @@ def macs(model: onnx.ModelProto, inferred: bool = False) -> int | None:
     return int(total)
 
 
-def summarize(model: onnx.ModelProto, file_bytes: int | None = None, with_macs: bool = True) -> dict:
+def summarize(model: onnx.ModelProto, file_bytes: int | None = None, with_macs: bool = True,
+              known: onnx.ModelProto | None = None) -> dict:
     """The report's statistics. with_macs=False leaves "macs" None, for a caller that counts them from
-    a shape inference it runs anyway (optimizer.rewrite_graph)."""
+    a shape inference it runs anyway (optimizer.rewrite_graph); known: see macs."""
     hist = op_histogram(model)
     return {
         "nodes": sum(hist.values()),
         "ops": dict(sorted(hist.items())),
         "parameters": parameter_count(model),
-        "macs": macs(model) if with_macs else None,
+        "macs": macs(model, known=known) if with_macs else None,
         "file_bytes": file_bytes,
     }

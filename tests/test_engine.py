@@ -1,6 +1,7 @@
 """The rewrite engine: fixed point, iteration cap, no-op detection, provenance, rule selection."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
@@ -231,8 +232,8 @@ def test_engine_work_per_rewrite_does_not_grow_with_the_graph(monkeypatch):
         calls["tensors"] += 1
         return tensors(self, *a, **k)
 
-    def tidy_and_count(graph):
-        tidy(graph)
+    def tidy_and_count(graph, *a):
+        tidy(graph, *a)
         graph.nodes = _CountingList(graph.nodes)
 
     monkeypatch.setattr(gs.Graph, "tensors", count_tensors)
@@ -471,9 +472,9 @@ def test_a_sweep_that_rewrites_nothing_takes_no_weight_net(monkeypatch):
     assert r.late == 0
 
 
-def test_full_collections_are_deferred_and_thresholds_restored(tmp_path, monkeypatch):
-    """optimize and optimize_file run without automatic full cycle collections (young ones run)
-    and leave gc's thresholds as they found them, also when they fail."""
+def test_pipeline_pauses_the_collector_and_restores_it(tmp_path, monkeypatch):
+    """optimize and optimize_file run with automatic cycle collection off (the rules run under it)
+    and leave it as they found it, also when they fail."""
     import gc
 
     from onnxrep import optimizer as O
@@ -481,22 +482,282 @@ def test_full_collections_are_deferred_and_thresholds_restored(tmp_path, monkeyp
 
     seen = []
     run = E.run
-    monkeypatch.setattr(E, "run", lambda *a, **k: seen.append(gc.get_threshold()) or run(*a, **k))
-    thresholds = gc.get_threshold()
+    monkeypatch.setattr(E, "run", lambda *a, **k: seen.append(gc.isenabled()) or run(*a, **k))
+    assert gc.isenabled()
     model = _chain(2)
     onnxrep.optimize(model, verify=False)
     path = tmp_path / "in.onnx"
     onnx.save(model, str(path))
     onnxrep.optimize_file(path, tmp_path / "out.onnx", verify=False)
-    assert [t[:2] for t in seen] == [thresholds[:2]] * 2 and all(t[2] >= G._NO_FULL for t in seen)
-    assert gc.get_threshold() == thresholds
+    assert seen == [False, False] and gc.isenabled()
     path.write_bytes(b"not a model")
     with pytest.raises(InputError):
         onnxrep.optimize_file(path, tmp_path / "out2.onnx")
-    assert gc.get_threshold() == thresholds
-    with G.full_collections_deferred():
-        with G.full_collections_deferred():
-            assert gc.get_threshold()[2] >= G._NO_FULL
-        assert gc.get_threshold()[2] >= G._NO_FULL
-    assert gc.get_threshold() == thresholds
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        onnxrep.optimize(model, verify=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
     assert O.optimize_file.__doc__.startswith("Optimize the model file")
+
+
+def _weak(objs):
+    import weakref
+
+    return [weakref.ref(x) for x in objs]
+
+
+def test_removed_nodes_and_tensors_are_freed_without_a_collection():
+    """With the cycle collector off, the nodes and tensors the rules remove (and the weights they
+    replace) are freed by refcounting as the engine goes: tidy breaks their reference cycles."""
+    import gc
+
+    g = _graph(_chain(3))
+    before = {id(n): n for n in g.nodes}
+    before.update((id(t), t) for t in g.tensors().values())
+    refs = _weak(before.values())
+    gc.collect()
+    gc.disable()
+    try:
+        del before
+        E.run(g, E.select_rules(), E.Context(g))
+        live = {id(n) for n in g.nodes} | {id(t) for t in g.tensors().values()}
+        alive = [r() for r in refs if r() is not None]
+        assert len(alive) < len(refs) // 2  # 3 blocks: 33 nodes → 6, most tensors gone
+        assert all(id(x) in live for x in alive), [getattr(x, "name", x) for x in alive if id(x) not in live]
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_node_someone_still_holds_is_left_intact():
+    """release_dropped frees only what nothing else references: a node a caller (or a rule's
+    cache) still holds keeps its lists working, and one nobody holds is released."""
+    kept = gs.Node("Relu", "kept")
+    a, b = gs.Variable("a"), gs.Variable("b")
+    dropped = {id(kept): kept, id(a): a}
+    a_ref = _weak([a])[0]
+    del a
+    assert G.release_dropped(dropped) == 1 and dropped == {}
+    assert a_ref() is None  # nobody held it: freed at once, no collector involved
+    kept.inputs.append(b)  # still synchronized
+    assert b.outputs == [kept]
+
+
+def test_optimize_leaves_nothing_for_the_cycle_collector(tmp_path):
+    """After optimize_file (and optimize) the graph, everything the rules dropped and the fusion
+    index are freed by refcounting: a collection afterwards finds no graphsurgeon object (so
+    running the pipeline with the collector off holds no memory back)."""
+    import gc
+
+    model = _chain(3)
+    path = tmp_path / "in.onnx"
+    onnx.save(model, str(path))
+    for go in (lambda: onnxrep.optimize_file(path, tmp_path / "out.onnx", verify=False),
+               lambda: onnxrep.optimize(model, verify=False),
+               lambda: onnxrep.optimize_file(path, tmp_path / "out.onnx")):
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            go()
+            gc.collect()
+            left = [x for x in gc.garbage if isinstance(x, (gs.Node, gs.Tensor, gs.Graph))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == []
+
+
+def test_disposed_graph_is_freed_at_once():
+    """graph.dispose breaks every cycle of a graph its user is done with: with the collector off,
+    dropping the last reference frees every node and tensor."""
+    import gc
+
+    g = _graph(_chain(2))
+    refs = _weak(list(g.nodes) + list(g.tensors().values()))
+    gc.collect()
+    gc.disable()
+    try:
+        G.dispose(g)
+        assert g.nodes == [] and g.inputs == [] and g.outputs == []
+        del g
+        assert [r for r in refs if r() is not None] == []
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("rules", ["all", "none"])
+def test_rewritten_graph_is_already_tidy(rules):
+    """rewrite_graph does not tidy after the engine: the engine tidies after every rule sweep that
+    changed the graph and prepare's folding ends with a tidy, so one more would change nothing
+    (a dead branch and a shuffled node order in the input included)."""
+    import random
+
+    from onnxrep import optimizer as O
+
+    model = _chain(2)
+    model.graph.node.append(onnx.helper.make_node("Relu", [model.graph.input[0].name], ["dead_out"], name="dead"))
+    nodes = list(model.graph.node)
+    random.Random(0).shuffle(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    chosen = E.select_rules() if rules == "all" else []
+    r = O.rewrite_graph(model, chosen, E.Options())
+    order = list(r.graph.nodes)
+    assert "dead" not in {n.name for n in order}
+    assert ops(O.Rewritten.model(r)).get("BatchNormalization", 0) == (0 if rules == "all" else 8)
+    G.tidy(r.graph)
+    assert r.graph.nodes == order
+
+
+def _broken_models():
+    """(what is wrong, model): each fails onnx's full check, at a different step of it."""
+    from onnx import TensorProto, helper
+
+    def model(nodes, inits=(), out_type=TensorProto.FLOAT):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", out_type, None)], list(inits))
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    w3 = onnx.numpy_helper.from_array(np.ones((2, 2, 3), np.float32), "w")
+    i64 = onnx.numpy_helper.from_array(np.ones((1,), np.int64), "c")
+    return [
+        ("unknown op (checker)", model([helper.make_node("NoSuchOp", ["x"], ["y"])])),
+        ("not topologically sorted (checker)", model([helper.make_node("Relu", ["t"], ["y"]),
+                                                       helper.make_node("Relu", ["x"], ["t"])])),
+        ("conv weight rank (strict inference)", model([helper.make_node("Conv", ["x", "w"], ["y"])], [w3])),
+        ("float + int64 (type check)", model([helper.make_node("Add", ["x", "c"], ["y"])], [i64])),
+        ("output declared int64 (type check)", model([helper.make_node("Relu", ["x"], ["y"])], (), TensorProto.INT64)),
+    ]
+
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_check_and_infer_is_the_full_check(case):
+    """io.check_and_infer (checker, then strict shape inference with type checks) fails exactly
+    where onnx's full check does, with the same error type and message; on a valid model it
+    passes and returns the inferred model."""
+    from onnxrep import io
+
+    what, model = _broken_models()[case]
+    with pytest.raises(Exception) as full:
+        io.run_checker(model, full_check=True)
+    with pytest.raises(Exception) as ours:
+        io.check_and_infer(model)
+    assert type(ours.value) is type(full.value), what
+    assert str(ours.value).splitlines()[0] == str(full.value).splitlines()[0], what
+
+    good = _chain(1)
+    io.run_checker(good, full_check=True)
+    inferred = io.check_and_infer(good)
+    assert len(inferred.graph.value_info) > 0
+
+
+def test_output_is_checked_and_shape_inferred_once(monkeypatch):
+    """The output goes through one shape inference, the full check's, whose shapes the report's
+    MACs reuse (equal to stats.macs' own count); the checker itself runs without its own."""
+    from onnxrep import io, stats
+
+    calls, checks = [], []
+    infer, check = onnx.shape_inference.infer_shapes, onnx.checker.check_model
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes",
+                        lambda m, *a, **k: calls.append((len(m.graph.node), a, k)) or infer(m, *a, **k))
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checks.append((a, k)) or check(m, *a, **k))
+    model = _chain(2)
+    out, report = onnxrep.optimize(model, verify=False, return_report=True)
+    n_out = report.after["nodes"]
+    assert [c for c in calls if c[0] == n_out] == [(n_out, (), {"check_type": True, "strict_mode": True})]
+    assert checks[-1] == ((), {"full_check": False})
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", infer)
+    assert report.after["macs"] == stats.macs(out) > 0
+
+
+def test_tensor_map_is_graphsurgeons_tensors():
+    """weights.tensor_map gives graph.tensors()'s dict: same names in the same order, the same
+    tensor objects; with an optional (empty-named) input, a graph input read by nobody, a graph
+    output that is also read, and two distinct tensors of one name (the later one wins)."""
+    from onnxrep import weights as W
+
+    g = _graph(_chain(2))
+    assert list(W.tensor_map(g).items()) == list(g.tensors().items())
+    conv = next(n for n in g.nodes if n.op == "Conv")
+    conv.inputs.append(gs.Variable(""))  # an omitted optional input
+    g.inputs.append(gs.Variable("unread", dtype=np.float32, shape=[1]))
+    twin = gs.Variable(g.nodes[0].outputs[0].name)
+    g.nodes.append(gs.Node("Relu", "twin_reader", inputs=[g.outputs[0]], outputs=[twin]))
+    g.outputs.append(g.nodes[2].outputs[0])
+    mine, theirs = W.tensor_map(g), g.tensors()
+    assert list(mine) == list(theirs) and all(mine[k] is theirs[k] for k in theirs)
+    assert mine[twin.name] is twin and "" not in mine
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_input_check_fails_as_the_full_check_does(case):
+    """io.check_model (checker, then strict inference with data propagation, falling back to the
+    full check's own inference for the verdict) reports each broken model with the InputError
+    the full check gives."""
+    from onnxrep import io
+    from onnxrep.errors import InputError
+
+    what, model = _broken_models()[case]
+    try:
+        io.run_checker(io._strip_weights(model), full_check=True)
+    except onnx.shape_inference.InferenceError as e:
+        expected = f"model fails ONNX shape inference: model: {io._inference_reason(e)}"
+    except (onnx.checker.ValidationError, ValueError) as e:
+        expected = f"model fails onnx.checker: model: {io._checker_reason(e, model)}"
+    with pytest.raises(InputError) as got:
+        io.check_model(model)
+    assert str(got.value) == expected, what
+
+
+def _shape_arithmetic_model(batch):
+    """x[batch,4,6,6] → Reshape(x, [Shape(x)[0], -1]) → Relu: data propagation makes the output's
+    second dim (144) known; with a value_info the input already declared."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus_one"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])], inits,
+                          value_info=[helper.make_tensor_value_info("s", TensorProto.INT64, [4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("make, pinned", [(lambda: _chain(2), 3), (lambda: _shape_arithmetic_model(1), 2),
+                                          (lambda: _shape_arithmetic_model("N"), 2)],
+                         ids=["chain", "static", "symbolic"])
+def test_prepare_reuses_the_input_checks_inference(make, pinned, monkeypatch):
+    """prepare takes the input check's shape inference for the model as given: the same model as
+    its own inference would make, byte for byte (data propagation and symbolic dims included);
+    the input is then inferred once. With a pinned input shape prepare infers its own (and the
+    input's MACs, where there are Convs, one more)."""
+    from onnxrep import io, lean as L
+    from onnxrep import optimizer as O
+
+    model = make()
+    checked = io.check_model(model)
+    assert checked is not None
+    work = L.without_payload(model, min_bytes=G.PAYLOAD_MIN)
+    own = O.infer_shapes(onnx.ModelProto.FromString(work.SerializeToString()))
+    assert O._shapes_from(work, checked).SerializeToString() == own.SerializeToString()
+
+    calls = []
+    infer = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes",
+                        lambda m, *a, **k: calls.append(len(m.graph.node)) or infer(m, *a, **k))
+    onnxrep.optimize(model, verify=False)
+    assert calls.count(len(model.graph.node)) == 1
+    calls.clear()
+    onnxrep.optimize(model, verify=False, input_shapes={model.graph.input[0].name: [1, *
+                     [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]]})
+    assert calls.count(len(model.graph.node)) == pinned
