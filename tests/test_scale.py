@@ -271,3 +271,14 @@ def test_bench_engine_prints_the_goal_lines(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["before"] for r in rows] == [96, 992]
     assert all(r["after"] == r["before"] // 2 and 0 < r["cpu"] and 0 < r["engine"] < r["seconds"] for r in rows)
+
+
+def test_bench_engine_walk_prints_the_price_of_a_node(tmp_path):
+    """--walk prints µs per node for onnxrep's read-only walk and for onnx's own save, shape
+    inference and checker, with the growth ratio (docs/engine.md: the memory hierarchy's share)."""
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_engine.py"), "--sizes", "0.1,1", "--walk",
+                          "--repeat", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [96, 992] and all(len(r) == 5 and all(float(v) > 0 for v in r[1:]) for r in rows)
+    assert out.stdout.splitlines()[-1].startswith("time for 10.3x the nodes: walk ")
