@@ -185,6 +185,9 @@ def test_sigint_removes_the_temp_directory_and_raises_keyboard_interrupt(tmp_pat
     out = tmp_path / "deploy.onnx"
 
     def staged_then_interrupted():
+        # Python's own SIGINT handling, whatever pytest inherited: a shell starts background jobs
+        # with SIGINT ignored, and an ignored signal stays ignored (next test)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             with io.stage_model(models["m1"][0], out, external=True):
                 os.kill(os.getpid(), signal.SIGINT)
@@ -211,6 +214,25 @@ def test_sigint_removes_the_temp_directory_and_raises_keyboard_interrupt(tmp_pat
 
     assert wait(child(own_handler)) == 7
     assert os.listdir(tmp_path) == []
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, models):
+    """A process that ignores SIGINT (a background job of a shell) is not interrupted by staging an
+    output: the signal is not turned into KeyboardInterrupt, and the write completes."""
+    out = tmp_path / "deploy.onnx"
+
+    def ignoring():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        io.save_model(models["m0"][0], out, external=True)  # a first write installs and restores
+        with io.stage_model(models["m1"][0], out, external=True) as staged:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            staged.commit()
+        raise SystemExit(0 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 1)
+
+    assert wait(child(ignoring)) == 0
+    assert which(out, {"m1": models["m1"][1]}) == "m1"
+    assert_clean_pair(out)
 
 
 def test_failed_commit_keeps_the_old_pair_and_removes_the_new_data(tmp_path, models, monkeypatch):
