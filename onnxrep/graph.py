@@ -218,6 +218,23 @@ def private_to(graph: gs.Graph, t: gs.Tensor, node: gs.Node) -> bool:
     return len(readers) >= 1 and all(r is node for r in readers)
 
 
+def linear_of(graph: gs.Graph, t: gs.Tensor) -> tuple[gs.Node, gs.Node | None] | None:
+    """(matmul, bias_add or None) when `t` is a Linear's output as exported: MatMul(x, W) with W
+    constant, or Add(MatMul(x, W), b) with b constant and the MatMul's output read by that Add
+    only; else None."""
+    n = producer(t)
+    add = None
+    if n is not None and n.op == "Add" and len(n.inputs) == 2:
+        consts = [i for i in n.inputs if isinstance(i, gs.Constant)]
+        data = [i for i in n.inputs if not isinstance(i, gs.Constant)]
+        if len(consts) != 1 or len(data) != 1 or not private_to(graph, data[0], n):
+            return None
+        add, n = n, producer(data[0])
+    if n is None or n.op != "MatMul" or not isinstance(n.inputs[1], gs.Constant):
+        return None
+    return n, add
+
+
 def fan_out_reason(graph: gs.Graph, t: gs.Tensor) -> str | None:
     if is_graph_output(graph, t):
         return f"intermediate '{t.name}' is a graph output"

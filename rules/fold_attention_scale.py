@@ -81,14 +81,10 @@ class _Walk:
         if n is None or r is None:
             raise NoPath(f"'{t.name}' has no producer or an unknown rank")
         c = _padded(c, r)
-        if n.op == "MatMul" and G.const(n.inputs[1]) is not None:
-            return self._linear(n, None, c, r)
+        lin = G.linear_of(self.graph, t)
+        if lin is not None:
+            return self._linear(*lin, c, r)
         if n.op == "Add" and len(n.inputs) == 2:
-            cd = _const_and_data(n)
-            up = G.producer(cd[0]) if cd else None
-            if up is not None and up.op == "MatMul" and G.const(up.inputs[1]) is not None and \
-                    G.private_to(self.graph, cd[0], n):
-                return self._linear(up, n, c, r)
             raise NoPath("Add is not a Linear's bias")
         if n.op == "MatMul":
             return self._scores(n, c, r, depth)
@@ -168,14 +164,9 @@ class _Walk:
         if lin is None:
             raise NoPath("no Linear above the slice")
         v = self._vector(c, r, rng[1] - rng[0])
-        if lin.op == "MatMul" and G.const(lin.inputs[1]) is not None:
-            return self._target(lin, None, v, rng)
-        if lin.op == "Add" and len(lin.inputs) == 2:
-            cd = _const_and_data(lin)
-            up = G.producer(cd[0]) if cd else None
-            if up is not None and up.op == "MatMul" and G.const(up.inputs[1]) is not None and \
-                    G.private_to(self.graph, cd[0], lin):
-                return self._target(up, lin, v, rng)
+        found = G.linear_of(self.graph, src)
+        if found is not None:
+            return self._target(*found, v, rng)
         raise NoPath("the slice is not of a Linear's output")
 
     @staticmethod

@@ -248,17 +248,8 @@ def _same_dims(a: gs.Tensor, b: gs.Tensor) -> bool:
 
 def _linear(graph, t: gs.Tensor):
     """(matmul, bias_add or None, x) when t = MatMul(x, W) or Add(MatMul(x, W), b), else None."""
-    n = G.producer(t)
-    add = None
-    if n is not None and n.op == "Add" and len(n.inputs) == 2:
-        consts = [i for i in n.inputs if G.const(i) is not None]
-        data = [i for i in n.inputs if G.const(i) is None]
-        if len(consts) != 1 or len(data) != 1 or not G.private_to(graph, data[0], n):
-            return None
-        add, n = n, G.producer(data[0])
-    if n is None or n.op != "MatMul" or not isinstance(n.inputs[1], gs.Constant):
-        return None
-    return n, add, n.inputs[0]
+    lin = G.linear_of(graph, t)
+    return None if lin is None else (*lin, lin[0].inputs[0])
 
 
 class FoldBranchIntoSlice(Rule):
