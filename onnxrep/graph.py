@@ -408,23 +408,26 @@ def _tidy(graph: gs.Graph, dropped: dict[int, object]) -> None:
     members = {id(n) for n in graph.nodes}
     # the nodes some graph output depends on, each with its producers (by input, once each):
     # what the sort needs too, so the producer links are followed once per tidy
+    def producers_of(tensors) -> list[gs.Node] | None:  # None: a producer outside graph.nodes
+        ps = []
+        for t in tensors:
+            for p in t.inputs:
+                if id(p) not in members:
+                    return None
+                ps.append(p)
+        return ps
+
     producers: dict[int, list[gs.Node]] = {}
-    frontier = []
-    for t in graph.outputs:
-        for p in t.inputs:
-            if id(p) not in members:
-                return _gs_tidy(graph, dropped)
-            frontier.append(p)
+    frontier = producers_of(graph.outputs)
+    if frontier is None:
+        return _gs_tidy(graph, dropped)
     while frontier:
         n = frontier.pop()
         if id(n) in producers:
             continue
-        ps = []
-        for t in n.inputs:
-            for p in t.inputs:
-                if id(p) not in members:
-                    return _gs_tidy(graph, dropped)
-                ps.append(p)
+        ps = producers_of(n.inputs)
+        if ps is None:
+            return _gs_tidy(graph, dropped)
         if len(ps) > 1:
             ps = list({id(p): p for p in ps}.values())
         producers[id(n)] = ps
