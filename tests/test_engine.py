@@ -761,3 +761,27 @@ def test_prepare_reuses_the_input_checks_inference(make, pinned, monkeypatch):
     onnxrep.optimize(model, verify=False, input_shapes={model.graph.input[0].name: [1, *
                      [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]]})
     assert calls.count(len(model.graph.node)) == pinned
+
+
+def test_linear_of_recognizes_an_exported_linear_and_nothing_else():
+    """graph.linear_of, shared by fold_branch_into_slice and fold_attention_scale: MatMul by a
+    constant, alone or with a constant bias Add that alone reads it."""
+    x = gs.Variable("x", np.float32, (2, 4))
+    w = gs.Constant("w", np.ones((4, 3), np.float32))
+    b = gs.Constant("b", np.zeros(3, np.float32))
+    y, z, v = (gs.Variable(n, np.float32, (2, 3)) for n in ("y", "z", "v"))
+    mm = gs.Node("MatMul", inputs=[x, w], outputs=[y])
+    add = gs.Node("Add", inputs=[y, b], outputs=[z])
+    g = gs.Graph(nodes=[mm, add], inputs=[x], outputs=[z])
+    assert G.linear_of(g, y) == (mm, None)
+    assert G.linear_of(g, z) == (mm, add)
+    assert G.linear_of(g, x) is None
+    # the MatMul's output read by another node too: the Add is not that Linear's private bias
+    g.nodes.append(gs.Node("Relu", inputs=[y], outputs=[v]))
+    g.outputs.append(v)
+    assert G.linear_of(g, z) is None and G.linear_of(g, y) == (mm, None)
+    # a weight computed at run time is not a Linear's
+    x2 = gs.Variable("x2", np.float32, (4, 3))
+    y2 = gs.Variable("y2", np.float32, (2, 3))
+    g2 = gs.Graph(nodes=[gs.Node("MatMul", inputs=[x, x2], outputs=[y2])], inputs=[x, x2], outputs=[y2])
+    assert G.linear_of(g2, y2) is None
